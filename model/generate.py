@@ -1,0 +1,117 @@
+"""Batched generation over the MLA latent cache: one prefill, then one absorbed-attention decode step per token.
+
+Prompts of any lengths are left-padded into one batch; each sequence stops at its own EOS (its later slots are
+masked out of attention and filled with the pad id). Sampling (temperature, top-k, top-p) draws from a
+`torch.Generator`, so the same seed gives the same tokens. For every sampled token the log-probability under the
+model's temperature-scaled distribution, log softmax(logits / T)[token] (before top-k/top-p truncation, as GRPO's
+importance ratio needs), is returned; greedy decoding reports log softmax(logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import LatentCache
+from .transformer import Transformer
+
+
+@dataclass
+class GenerationOutput:
+    prompt_ids: torch.Tensor  # [B, P] left-padded prompts
+    prompt_mask: torch.Tensor  # [B, P] bool
+    completion_ids: torch.Tensor  # [B, N] generated tokens, pad id after a sequence stopped
+    completion_mask: torch.Tensor  # [B, N] bool, True for generated tokens (the EOS included)
+    logprobs: torch.Tensor  # [B, N] fp32 log-probability of each generated token, 0 where masked
+    finished: torch.Tensor  # [B] bool, True where the sequence emitted an EOS
+
+    def completions(self) -> list[list[int]]:
+        return [ids[mask].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask)]
+
+    def completion_logprobs(self) -> list[list[float]]:
+        return [lp[mask].tolist() for lp, mask in zip(self.logprobs, self.completion_mask)]
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                greedy: bool = False, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (tokens [B], log-probs [B] under softmax(logits / T))."""
+    logits = logits.float()
+    if greedy or temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    scaled = logits / temperature
+    logprobs = scaled.log_softmax(dim=-1)
+    filtered = scaled
+    if top_k and top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = filtered.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    tokens = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             seed: int | None = None) -> GenerationOutput:
+    """Generate up to `max_new_tokens` after each prompt (token-id lists of any lengths).
+
+    eos_token_id defaults to the config's; pass [] to never stop early. `seed` builds a generator if none is given.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError("generate: max_new_tokens must be >= 0")
+    config = model.config
+    eos = config.eos_token_ids if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
+                                                        else (eos[0] if eos else 0))
+    device = next(model.parameters()).device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    B, P = len(prompts), max(len(p) for p in prompts)
+    prompt_ids = torch.full((B, P), pad, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        prompt_mask[i, P - len(p):] = True
+
+    completion_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    completion_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    if max_new_tokens == 0:
+        return GenerationOutput(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, finished)
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    cache = LatentCache(config, B, P + max_new_tokens, dtype=dtype, device=device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        for t in range(max_new_tokens):
+            tokens, lp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+            active = ~finished
+            completion_ids[:, t] = torch.where(active, tokens, pad)
+            completion_mask[:, t] = active
+            logprobs[:, t] = torch.where(active, lp, 0.0)
+            if len(eos):
+                finished |= active & torch.isin(tokens, eos_t)
+            if t + 1 == max_new_tokens or bool(finished.all()):
+                break
+            logits = model(completion_ids[:, t:t + 1], attention_mask=(~finished)[:, None], cache=cache,
+                           logits_to_keep=1).logits[:, -1]
+    finally:
+        model.train(was_training)
+    return GenerationOutput(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, finished)
