@@ -1,0 +1,88 @@
+"""Command-line tools and project rules: tools.generate, tools.demo, and no torch.distributed in the model math.
+
+Run: python -m pytest -q tests/test_tools.py
+"""
+
+import json
+import pathlib
+import re
+
+import pytest
+import torch
+
+from model import Transformer, load_model, preset, save_model
+from model.generate import generate
+from tools import demo
+from tools import generate as generate_cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    save_model(Transformer(preset("tiny")), path)
+    return path
+
+
+def test_generate_cli_json_matches_python_api(ckpt, capsys):
+    assert generate_cli.main(["--ckpt", str(ckpt), "--input-ids", "5,6,7", "--max-new-tokens", "6", "--greedy",
+                              "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = generate(load_model(ckpt), [[5, 6, 7]], 6, greedy=True)
+    assert out["prompt_ids"] == [5, 6, 7]
+    assert out["completion_ids"] == ref.completions()[0]
+    assert len(out["logprobs"]) == len(out["completion_ids"])
+
+
+def test_generate_cli_seeded_sampling_repeats(ckpt, capsys):
+    args = ["--ckpt", str(ckpt), "--input-ids", "9,3", "--max-new-tokens", "8", "--seed", "7", "--json"]
+    generate_cli.main(args)
+    first = json.loads(capsys.readouterr().out)["completion_ids"]
+    generate_cli.main(args)
+    assert json.loads(capsys.readouterr().out)["completion_ids"] == first
+
+
+def test_generate_cli_refusals(ckpt, tmp_path, capsys):
+    assert generate_cli.main(["--ckpt", str(tmp_path / "missing"), "--input-ids", "1"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert generate_cli.main(["--ckpt", str(ckpt), "--prompt", "hello"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+    assert generate_cli.main(["--ckpt", str(ckpt), "--input-ids", "1,100000"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_cli.main(["--ckpt", str(ckpt), "--input-ids", "a,b"])
+
+
+def test_generate_cli_with_tokenizer(ckpt, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(ord("a") + i): i for i in range(26)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    local = tmp_path / "withtok"
+    save_model(load_model(ckpt), local)
+    tok.save(str(local / "tokenizer.json"))
+    assert generate_cli.main(["--ckpt", str(local), "--prompt", "abc", "--max-new-tokens", "4", "--greedy",
+                              "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_ids"] == [0, 1, 2] and isinstance(out["text"], str)
+
+
+def test_demo_runs(tmp_path):
+    summary = demo.main(["--run-dir", str(tmp_path / "demo"), "--preset", "tiny", "--max-new-tokens", "8"])
+    assert summary["cached_decode_consistent"]
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["preset"] == "tiny"
+    assert (tmp_path / "demo" / "checkpoint" / "config.json").is_file()
+
+
+def test_model_math_never_imports_torch_distributed():
+    offenders = []
+    for path in (ROOT / "model").rglob("*.py"):
+        if "parallel" in path.relative_to(ROOT / "model").parts:
+            continue
+        if re.search(r"^\s*(import torch\.distributed|from torch(\.distributed)? import distributed|"
+                     r"from torch\.distributed)", path.read_text(), re.M):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

@@ -1,0 +1,1 @@
+"""Command-line tools: generation, the demo, (later) conversion, plotting and planning."""
