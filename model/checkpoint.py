@@ -42,6 +42,20 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int
                dtype: torch.dtype | None = None) -> None:
     """Write `model` to directory `path` atomically (replaces an existing checkpoint there)."""
     path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        write_model(model, tmp, max_shard_bytes, dtype)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model(model: Transformer, path: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                dtype: torch.dtype | None = None) -> None:
+    """Write config.json and the safetensors shards into the existing directory `path` (not atomic by itself)."""
     state = _storage_key(model)
     if dtype is not None:
         state = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
@@ -56,26 +70,18 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_bytes: int
             size = 0
         shards[-1][key] = state[key]
         size += nbytes
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
-    try:
-        model.config.to_json(os.path.join(tmp, "config.json"))
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SINGLE_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    model.config.to_json(os.path.join(path, "config.json"))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, SINGLE_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    with open(os.path.join(path, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def replace_dir(src: str, dst: str) -> None:

@@ -212,11 +212,10 @@ class ModelConfig:
             d["rope_scaling"] = None
         if model_type == "deepseek_v2":
             # transformers' V2 defaults: softmax, greedy, no renormalisation.
-            d.setdefault("scoring_func", "softmax")
-            d.setdefault("topk_method", "greedy")
-            d.setdefault("norm_topk_prob", False)
-            d.setdefault("routed_scaling_factor", 1.0)
-            d.setdefault("first_k_dense_replace", 0)
+            for key, value in (("scoring_func", "softmax"), ("topk_method", "greedy"), ("norm_topk_prob", False),
+                               ("routed_scaling_factor", 1.0), ("first_k_dense_replace", 0)):
+                if d.get(key) is None:
+                    d[key] = value
         if d.get("topk_method") is None:
             d["topk_method"] = "noaux_tc" if d.get("scoring_func", "sigmoid") == "sigmoid" else "greedy"
         known = {f.name for f in fields(cls)} - {"extra"}

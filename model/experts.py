@@ -34,6 +34,19 @@ def _loop_mm(x_RD: torch.Tensor, w_EDN: torch.Tensor, counts: list[int]) -> torc
     return torch.cat(outs) if outs else x_RD.new_zeros(0, w_EDN.shape[-1])
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands grouped_mm a contiguous gradient (its CPU backward rejects expanded or
+    transposed gradients, e.g. the one of `.sum()`)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def grouped_swiglu(x_RD: torch.Tensor, gate_up_E2ID: torch.Tensor, down_EDI: torch.Tensor,
                    counts_E: torch.Tensor, use_grouped_mm: bool | None = None) -> torch.Tensor:
     """y_r = W_down[e] (silu(W_gate[e] x_r) * W_up[e] x_r) for rows r sorted by expert e, counts_E rows each.
@@ -41,15 +54,16 @@ def grouped_swiglu(x_RD: torch.Tensor, gate_up_E2ID: torch.Tensor, down_EDI: tor
     `use_grouped_mm=None` picks torch's grouped GEMM where it applies and the per-expert loop otherwise; both are
     kept and tested against each other.
     """
-    w1 = gate_up_E2ID.transpose(-2, -1)  # [E, D, 2I]
-    w2 = down_EDI.transpose(-2, -1)  # [E, I, D]
+    # grouped_mm is not autocast-aware: run in the activations' dtype (bf16 under autocast).
+    w1 = gate_up_E2ID.transpose(-2, -1).to(x_RD.dtype)  # [E, D, 2I]
+    w2 = down_EDI.transpose(-2, -1).to(x_RD.dtype)  # [E, I, D]
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x_RD, w1) and grouped_mm_supported(x_RD, w2)
     if use_grouped_mm:
         offs = counts_E.cumsum(0).to(torch.int32)
         h = _grouped_mm(x_RD, w1, offs=offs)
         gate, up = h.chunk(2, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, w2, offs=offs)
+        return _ContiguousGrad.apply(_grouped_mm(F.silu(gate) * up, w2, offs=offs))
     counts = counts_E.tolist()
     h = _loop_mm(x_RD, w1, counts)
     gate, up = h.chunk(2, dim=-1)

@@ -79,6 +79,10 @@ def hf_state_dict_to_seekstack(hf_state: dict[str, torch.Tensor], config: ModelC
             experts.setdefault(t.key, {}).setdefault(t.proj, {})[t.expert] = tensor
     for key, parts in experts.items():
         out[key] = stack_experts(parts, config.n_routed_experts, key)
+    for key in [k for k in out if k.endswith("mlp.gate.weight")]:
+        # DeepSeek-V2 routers have no correction bias: a zero bias leaves their routing unchanged.
+        out.setdefault(key.removesuffix("weight") + "e_score_correction_bias",
+                       torch.zeros(out[key].shape[0], dtype=torch.float32))
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out

@@ -5,11 +5,17 @@ Run everything with:  cd /work/main && PYTHONPATH=. python -m pytest -q tests/
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from model.config import ModelConfig, preset
+
+# The tests use tiny tensors: one intra-op thread is fastest, and it avoids OpenMP oversubscription stalls (seconds
+# per forward) when the 2 cores are shared with other jobs. Override with SEEKSTACK_TEST_THREADS=n.
+torch.set_num_threads(int(os.environ.get("SEEKSTACK_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

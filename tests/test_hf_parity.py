@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.generate import generate
-from tests.hf_helpers import YARN, load_hf_dir, make_hf_model
+from tests.hf_helpers import BASE, YARN, load_hf_dir, make_hf_model
 
 CASES = {
     "v3-groups-yarn": dict(rope_parameters=YARN),
@@ -62,3 +62,31 @@ def test_32_greedy_tokens_identical(pair):
                           pad_token_id=0)[0, len(prompt):].tolist()
     ours_tokens = generate(ours, [prompt], 32, greedy=True, eos_token_id=[]).completions()[0]
     assert ours_tokens == ref
+
+
+V2_CASES = {
+    "v2-lite-greedy": dict(topk_method="greedy", q_lora_rank=None),
+    "v2-group-limited-yarn": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=32,
+                                  rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}),
+}
+
+
+@pytest.mark.parametrize("case", list(V2_CASES))
+def test_deepseek_v2_logits_match(case, tmp_path):
+    """DeepSeek-V2/V2-Lite: softmax routing, no renormalisation, greedy or group-limited (max) selection."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(3)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "n_routed_experts", "num_experts_per_tok", "first_k_dense_replace", "max_position_embeddings",
+            "initializer_range")
+    hc = DeepseekV2Config(**{k: BASE[k] for k in keys}, n_shared_experts=2, routed_scaling_factor=1.0,
+                          **V2_CASES[case])
+    hf = DeepseekV2ForCausalLM(hc).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_dir(str(tmp_path))
+    assert ours.config.scoring_func == "softmax" and not ours.config.norm_topk_prob
+    ids = torch.randint(0, hc.vocab_size, (2, 70))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-4
