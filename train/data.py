@@ -211,26 +211,38 @@ class PackedDataset:
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise DataError(f"dataset has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
-        self._perm_epoch, self._perm = -1, None
+        self.order = EpochPermutation(self.num_windows, seed)
 
     def window(self, g: int) -> np.ndarray:
-        epoch, i = divmod(g, self.num_windows)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._perm_epoch = epoch
-        start = int(self._perm[i]) * self.seq_len
+        start = self.order(g) * self.seq_len
         return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
-
-    def global_indices(self, step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> range:
-        """Global sample indices of (step, micro-step, rank): one contiguous block per step, whatever the world."""
-        global_batch = micro_batch * world * accum
-        first = step * global_batch + (micro * world + rank) * micro_batch
-        return range(first, first + micro_batch)
 
     def batch(self, step: int, micro: int = 0, rank: int = 0, world: int = 1, micro_batch: int = 8,
               accum: int = 1) -> np.ndarray:
         """[micro_batch, seq_len + 1] int64 windows for this rank's micro-step of `step`."""
-        return np.stack([self.window(g) for g in self.global_indices(step, micro, rank, world, micro_batch, accum)])
+        return np.stack([self.window(g) for g in global_indices(step, micro, rank, world, micro_batch, accum)])
+
+
+def global_indices(step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> range:
+    """Global sample indices of (step, micro-step, rank): one contiguous block per step, whatever the world size."""
+    global_batch = micro_batch * world * accum
+    first = step * global_batch + (micro * world + rank) * micro_batch
+    return range(first, first + micro_batch)
+
+
+class EpochPermutation:
+    """Sample g -> item perm_e[g mod n], perm_e seeded by (seed, e): no repeats within an epoch, resumable."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, g: int) -> int:
+        epoch, i = divmod(g, self.n)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[i])
 
 
 def main(argv: list[str] | None = None) -> int:
