@@ -136,3 +136,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert os.path.basename(latest_valid(run)) == "step_00000004"
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[3].get("skipped") and rows[4].get("skipped")
+
+
+def test_bf16_autocast_step_runs(tmp_path):
+    run = str(tmp_path / "bf16")
+    assert main(TINY + ["--run-dir", run, "--training.steps", "2", "--training.dtype", "bf16",
+                        "--checkpoint.every", "0"]) == 0
+    rows = _metrics(run)
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite
