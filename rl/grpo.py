@@ -1,0 +1,562 @@
+"""GRPO, R1-Zero style: `python -m rl.grpo [--config configs/grpo_*.toml] [--section.key=value ...]`
+(also under `torchrun --nproc_per_node=N -m rl.grpo`).
+
+One step (DeepSeekMath §4.1, R1 §2.2):
+ 1. take `prompts_per_step` prompts (each rank a share; a prompt's group never crosses ranks);
+ 2. sample `num_generations` (G) completions per prompt with seekstack's latent-cache generator; the generator's
+    per-token log-probs are the old-policy log-probs (same kernels as training; the max |Δlogp| against the
+    training recomputation is logged as `logp_diff_max`);
+ 3. score them with the rule-based rewards (parallel workers, time-limited), gather over ranks, group advantages;
+    optionally drop groups whose rewards have zero spread and refill them (DAPO dynamic sampling);
+ 4. reference log-probs from the frozen initial policy (skipped when beta = 0);
+ 5. `num_iterations` (mu) passes; each pass is `steps_per_generation` optimizer steps over equal slices of the
+    groups, micro-batched; the loss is rl/loss.py's with one normaliser per optimizer step (exact under
+    micro-batching and data parallelism);
+ 6. AdamW step, then the MoE aux-loss-free bias update from the step's loads (`bias_update_speed`, 0 disables).
+
+Option names follow TRL's GRPOConfig where the concept is the same (num_generations, max_completion_length,
+temperature, top_p, top_k, num_iterations, epsilon, epsilon_high, beta, loss_type, scale_rewards,
+mask_truncated_completions, reward_weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model import load_model
+from model.balance import update_expert_bias
+from model.generate import generate
+from train.checkpoint import CheckpointCorrupt, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from train.config import (CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig,
+                          load_job_config, to_toml)
+from train.distributed import DistInfo, all_reduce_mean_grads, all_reduce_sum, init_distributed, shutdown
+from train.optim import build_optimizer, lr_at, set_lr
+
+from .loss import LOSS_TYPES, SCALE_REWARDS, LossStats, group_advantages, grpo_loss, loss_normalizer
+from .rewards import RewardRunner
+from .sources import build_source
+
+
+@dataclass
+class GRPOModel:
+    init_from: str = "runs/pretrain/final"  # seekstack checkpoint (with tokenizer.json) to start from
+    bias_update_speed: float = 0.001  # gamma of the MoE bias update during RL; 0 disables
+
+
+@dataclass
+class GRPOTask:
+    name: str = "addition"  # addition | arithmetic | countdown | PATH.jsonl
+    template: str = ""  # prompt template with {question}; "" = the task's default
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # names or module:function
+    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    reward_workers: int = 0  # processes evaluating rewards; 0 = in this process (thread time limit)
+    reward_timeout_s: float = 5.0
+
+
+@dataclass
+class GRPOHyper:
+    steps: int = 60
+    prompts_per_step: int = 16
+    num_generations: int = 8  # G
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_iterations: int = 1  # mu
+    steps_per_generation: int = 1  # optimizer steps per generation batch (each on a slice of the groups)
+    micro_batch: int = 64  # sequences per forward/backward
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0  # 0 = same as epsilon; DAPO clip-higher uses 0.28
+    beta: float = 0.0  # KL coefficient (R1: 0.001); 0 skips the reference model
+    loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    mask_truncated_completions: bool = False
+    dynamic_sampling: bool = False  # DAPO: drop zero-spread groups and refill
+    max_refills: int = 3
+    threads: int = 0
+
+
+@dataclass
+class GRPOMetrics(MetricsConfig):
+    eval_every: int = 20
+    eval_problems: int = 128  # held-out problems for greedy pass@1 and sampled mean@k
+    eval_samples: int = 8  # k of mean@k; 0 skips the sampled accuracy
+    log_samples: int = 2  # completions written to samples.jsonl per step
+
+
+@dataclass
+class GRPOConfig:
+    run_dir: str = "runs/grpo"
+    seed: int = 0
+    resume: str = ""
+    model: GRPOModel = field(default_factory=GRPOModel)
+    task: GRPOTask = field(default_factory=GRPOTask)
+    grpo: GRPOHyper = field(default_factory=GRPOHyper)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        lr=1e-4, weight_decay=0.0, warmup_steps=3, schedule="constant", grad_clip=1.0))
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=20, keep=2))
+    metrics: GRPOMetrics = field(default_factory=GRPOMetrics)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+
+    def validate(self) -> None:
+        g = self.grpo
+        if g.num_generations < 2:
+            raise JobConfigError("`grpo.num_generations` must be >= 2 (advantages compare completions of a prompt)")
+        if g.loss_type not in LOSS_TYPES:
+            raise JobConfigError(f"`grpo.loss_type` is {g.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+        if g.scale_rewards not in SCALE_REWARDS:
+            raise JobConfigError(f"`grpo.scale_rewards` is {g.scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
+        if g.prompts_per_step % g.steps_per_generation:
+            raise JobConfigError("`grpo.prompts_per_step` must be divisible by `grpo.steps_per_generation`")
+        if len(self.task.rewards) != len(self.task.reward_weights):
+            raise JobConfigError(f"{len(self.task.rewards)} `task.rewards` but {len(self.task.reward_weights)} "
+                                 f"`task.reward_weights`")
+        for key in ("steps", "prompts_per_step", "max_completion_length", "num_iterations", "micro_batch"):
+            if getattr(g, key) < 1:
+                raise JobConfigError(f"`grpo.{key}` must be >= 1")
+        if self.parallelism.tp != 1 or self.parallelism.ep != 1:
+            raise JobConfigError("`parallelism.tp`/`parallelism.ep` > 1 are not wired into GRPO yet; use torchrun "
+                                 "data parallelism")
+
+
+# ------------------------------------------------------------------------------------------------ rollout helpers
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
+    """log softmax(logits / T) of each completion token under `model` (training path, full sequences), and the
+    per-token entropy. Returns ([B, N], [B, N])."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    P, N = prompt_ids.shape[1], completion_ids.shape[1]
+    logits = model(ids, attention_mask=mask).logits[:, P - 1: P + N - 1].float() / temperature
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+class TextCodec:
+    """Token ids <-> text with the checkpoint's tokenizer; completions drop EOS/padding, keep tag tokens."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        tok_path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            raise JobConfigError(f"{tok_path}: GRPO needs the checkpoint's tokenizer.json")
+        self.path = tok_path
+        self.tok = Tokenizer.from_file(tok_path)
+        self.eos = [i for i in (self.tok.token_to_id(t) for t in ("<|endoftext|>", "</s>")) if i is not None]
+        self.pad = self.tok.token_to_id("<|pad|>")
+        drop = set(self.eos) | ({self.pad} if self.pad is not None else set())
+        self.drop = drop
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in self.drop], skip_special_tokens=False)
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.codec = TextCodec(cfg.model.init_from)
+        self.policy = load_model(cfg.model.init_from).to(dist.device)
+        self.policy.config.bias_update_speed = cfg.model.bias_update_speed
+        self.reference = None
+        if cfg.grpo.beta > 0:
+            self.reference = load_model(cfg.model.init_from).to(dist.device).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.optimizer = build_optimizer(self.policy, cfg.optimizer)
+        self.source = build_source(cfg.task.name, cfg.seed, cfg.task.template)
+        self.rewards = RewardRunner(cfg.task.rewards, cfg.task.reward_weights, cfg.task.reward_workers,
+                                    cfg.task.reward_timeout_s)
+        self.step = 0
+        self.state = {"reference": os.path.abspath(cfg.model.init_from), "samples_seen": 0}
+        self.total_steps = cfg.grpo.steps * cfg.grpo.num_iterations * cfg.grpo.steps_per_generation
+
+    def log(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    # ---------------------------------------------------------------------------------------- resume
+    def maybe_resume(self) -> None:
+        resume = self.cfg.resume
+        if not resume:
+            return
+        path = latest_valid(self.cfg.run_dir, log=self.log) if resume == "auto" else resume
+        if path is None:
+            if list_checkpoints(self.cfg.run_dir):
+                raise JobConfigError(f"{self.cfg.run_dir}: every checkpoint is corrupt; nothing to resume from")
+            self.log("resume=auto: no checkpoint yet, starting fresh")
+            return
+        try:
+            model, opt, state = load_checkpoint(path, lambda m: build_optimizer(m, self.cfg.optimizer))
+        except CheckpointCorrupt as e:
+            raise JobConfigError(f"cannot resume: {e}") from None
+        if state.get("reference") != self.state["reference"]:
+            raise JobConfigError(f"{path}: was trained against reference {state.get('reference')}, but "
+                                 f"model.init_from is {self.state['reference']}")
+        self.policy.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(opt.state_dict())
+        self.step = state.pop("step")
+        self.state.update(state)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ---------------------------------------------------------------------------------------- rollout
+    def rollout(self, rows, step: int, salt: int = 0) -> dict:
+        g = self.cfg.grpo
+        G = g.num_generations
+        prompts = [self.codec.encode(r.prompt) for r in rows for _ in range(G)]
+        gen = torch.Generator(device=self.dist.device).manual_seed(
+            hash((self.cfg.seed, step, self.dist.rank, salt)) % (2**63))
+        t0 = time.perf_counter()
+        out = generate(self.policy, prompts, g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
+                       top_p=g.top_p, eos_token_id=self.codec.eos, pad_token_id=self.codec.pad or 0,
+                       generator=gen)
+        seconds = time.perf_counter() - t0
+        texts = [self.codec.decode(ids) for ids in out.completions()]
+        prompt_texts = [r.prompt for r in rows for _ in range(G)]
+        fields = {k: [r.fields[k] for r in rows for _ in range(G)] for k in rows[0].fields}
+        result = self.rewards(prompt_texts, texts, **fields)
+        return {"out": out, "texts": texts, "prompts": prompt_texts, "rewards": result,
+                "answers": fields.get("answer"), "seconds": seconds, "rows": rows}
+
+    def gather_rewards(self, local: torch.Tensor) -> torch.Tensor:
+        """All ranks' rewards in rank order (for batch-level std); local rewards when not distributed."""
+        if self.dist.world == 1:
+            return local
+        import torch.distributed as tdist
+
+        parts = [torch.empty_like(local) for _ in range(self.dist.world)]
+        tdist.all_gather(parts, local)
+        return torch.cat(parts)
+
+    # ---------------------------------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        cfg, g = self.cfg, self.cfg.grpo
+        G = g.num_generations
+        t_start = time.perf_counter()
+        per_rank = g.prompts_per_step // self.dist.world
+        if per_rank * self.dist.world != g.prompts_per_step:
+            raise JobConfigError("`grpo.prompts_per_step` must be divisible by the number of processes")
+        rows = self.source.train_rows(self.step, g.prompts_per_step)[self.dist.rank * per_rank:
+                                                                      (self.dist.rank + 1) * per_rank]
+        roll = self.rollout(rows, self.step)
+        rewards = torch.tensor(roll["rewards"].total, dtype=torch.float32)
+        self._last_roll = roll
+        refills = 0
+        if g.dynamic_sampling:
+            roll, rewards, refills = self._dynamic_sampling(roll, rewards)
+            self._last_roll = roll
+        all_rewards = self.gather_rewards(rewards)
+        adv_all = group_advantages(all_rewards, G, g.scale_rewards)
+        n_local = rewards.numel()
+        advantages = adv_all[self.dist.rank * n_local: (self.dist.rank + 1) * n_local]
+        zero_std = float((all_rewards.view(-1, G).std(dim=1) == 0).float().mean())
+
+        out = roll["out"]
+        completion_mask = out.completion_mask.clone()
+        truncated = ~out.finished
+        if g.mask_truncated_completions:
+            completion_mask &= ~truncated[:, None]
+        old_logp = out.logprobs
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = completion_logprobs(self.reference, out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                               out.completion_mask, g.temperature)[0]
+
+        t_train = time.perf_counter()
+        stats, logp_diff, entropy_sum, loads_steps = LossStats(), 0.0, 0.0, []
+        order = torch.arange(n_local)
+        slices = order.view(g.steps_per_generation, -1) if g.steps_per_generation > 1 else order[None]
+        self.policy.train()
+        lr = 0.0
+        for it in range(g.num_iterations):
+            for sl in slices:
+                lr = lr_at(self.state.get("optimizer_steps", 0), self.total_steps, cfg.optimizer)
+                set_lr(self.optimizer, lr)
+                lengths = completion_mask[sl].sum(1)
+                counts = all_reduce_sum(torch.tensor([float(len(sl)), float(lengths.sum())], dtype=torch.float64),
+                                        self.dist.world)
+                normalizer = self._normalizer(counts)
+                for mb in sl.split(g.micro_batch):
+                    logp, entropy = completion_logprobs(self.policy, out.prompt_ids[mb], out.prompt_mask[mb],
+                                                        out.completion_ids[mb], out.completion_mask[mb],
+                                                        g.temperature)
+                    m = completion_mask[mb]
+                    if it == 0:
+                        diff = (logp.detach() - old_logp[mb]).abs()[out.completion_mask[mb]]
+                        logp_diff = max(logp_diff, float(diff.max()) if diff.numel() else 0.0)
+                        entropy_sum += float(entropy.detach()[m].sum())
+                    res = grpo_loss(logp, old_logp[mb], None if ref_logp is None else ref_logp[mb], advantages[mb],
+                                    m, loss_type=g.loss_type, epsilon=g.epsilon,
+                                    epsilon_high=g.epsilon_high or None, beta=g.beta, normalizer=normalizer)
+                    res.loss.backward()
+                    stats = stats + res.stats
+                params = [p for p in self.policy.parameters() if p.requires_grad]
+                all_reduce_mean_grads(params, self.dist.world)
+                torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loads = update_expert_bias(self.policy, self.policy.config.bias_update_speed)
+                if loads is not None:
+                    loads_steps.append(loads)
+                self.state["optimizer_steps"] = self.state.get("optimizer_steps", 0) + 1
+        train_seconds = time.perf_counter() - t_train
+        return self._metrics(roll, rewards, advantages, stats, completion_mask, truncated, zero_std, logp_diff,
+                             entropy_sum, lr, refills, time.perf_counter() - t_start, train_seconds, loads_steps)
+
+    def _normalizer(self, counts: torch.Tensor) -> float:
+        """rl.loss's normaliser for one optimizer step from the (rank-summed) sequence and token counts."""
+        g = self.cfg.grpo
+        n_seq, n_tok = int(counts[0]), int(counts[1])
+        lengths = [n_tok] + [0] * (n_seq - 1)  # only the totals matter to the normaliser
+        return loss_normalizer(torch.tensor(lengths), g.loss_type, g.max_completion_length, self.dist.world) \
+            if n_tok > 0 or g.loss_type != "dapo" else 1.0
+
+    def _dynamic_sampling(self, roll, rewards):
+        """DAPO: replace groups whose rewards have zero spread with fresh prompts, up to max_refills rounds."""
+        g = self.cfg.grpo
+        G = g.num_generations
+        refills = 0
+        for attempt in range(1, g.max_refills + 1):
+            flat = rewards.view(-1, G)
+            dead = (flat.std(dim=1) == 0).nonzero().flatten().tolist()
+            if not dead:
+                break
+            fresh_rows = self.source.train_rows(10_000_000 + self.step * 97 + attempt, len(dead))
+            fresh = self.rollout(fresh_rows, self.step, salt=attempt)
+            fresh_rewards = torch.tensor(fresh["rewards"].total, dtype=torch.float32).view(-1, G)
+            roll = _replace_groups(roll, fresh, dead, G)
+            flat[dead] = fresh_rewards
+            rewards = flat.flatten()
+            refills += len(dead)
+        return roll, rewards, refills
+
+    # ---------------------------------------------------------------------------------------- metrics
+    def _metrics(self, roll, rewards, advantages, stats, completion_mask, truncated, zero_std, logp_diff,
+                 entropy_sum, lr, refills, step_seconds, train_seconds, loads_steps) -> dict:
+        out = roll["out"]
+        lengths = out.completion_mask.sum(1).float()
+        rr = roll["rewards"]
+        local = torch.tensor([float(rewards.sum()), float((rewards ** 2).sum()), float(rewards.numel()),
+                              float(lengths.sum()), float(truncated.float().sum()), stats.num_tokens,
+                              stats.clip_low, stats.clip_high, stats.outside, stats.kl_sum, stats.ratio_sum,
+                              entropy_sum, float(completion_mask.sum())], dtype=torch.float64)
+        tot = all_reduce_sum(local, self.dist.world)
+        n = tot[2]
+        mean = tot[0] / n
+        metrics = {
+            "step": self.step + 1, "lr": lr, "reward_mean": float(mean),
+            "reward_std": float((tot[1] / n - mean ** 2).clamp(min=0).sqrt()),
+            "completion_length_mean": float(tot[3] / n), "completion_length_max": int(lengths.max()),
+            "truncation_rate": float(tot[4] / n), "frac_reward_zero_std": zero_std,
+            "clip_ratio/low_mean": float(tot[6] / tot[5].clamp(min=1)),
+            "clip_ratio/high_mean": float(tot[7] / tot[5].clamp(min=1)),
+            "clip_ratio/region_mean": float(tot[8] / tot[5].clamp(min=1)),
+            "kl": float(tot[9] / tot[5].clamp(min=1)), "ratio_mean": float(tot[10] / tot[5].clamp(min=1)),
+            "entropy": float(tot[11] / tot[12].clamp(min=1)), "logp_diff_max": logp_diff,
+            "rollout_tokens_per_s": float(lengths.sum()) / roll["seconds"],
+            "train_tokens_per_s": float(tot[5]) / max(train_seconds, 1e-9) / self.dist.world,
+            "rollout_seconds": roll["seconds"], "train_seconds": train_seconds, "step_seconds": step_seconds,
+            "refilled_groups": refills, "advantage_abs_mean": float(advantages.abs().mean()),
+        }
+        for name, scores in rr.per_function.items():
+            metrics[f"rewards/{name}/mean"] = sum(scores) / max(len(scores), 1)
+            metrics[f"rewards/{name}/errors"] = rr.errors[name]
+            metrics[f"rewards/{name}/timeouts"] = rr.timeouts[name]
+        for name in ("accuracy", "accuracy_reward"):
+            if f"rewards/{name}/mean" in metrics:
+                metrics["accuracy_train_sampled"] = metrics[f"rewards/{name}/mean"]
+        if loads_steps:
+            loads = loads_steps[-1]
+            metrics["expert_load"] = loads.tolist()
+            metrics["expert_load_max_over_mean"] = [round(float(x), 4)
+                                                    for x in loads.max(1).values / loads.mean(1).clamp(min=1e-9)]
+        if metrics["truncation_rate"] > 0.5:
+            self.log(f"warning: step {self.step + 1}: {metrics['truncation_rate']:.0%} of completions hit "
+                     f"max_completion_length={self.cfg.grpo.max_completion_length} (raise it, or their rewards are "
+                     f"mostly format failures)")
+        if zero_std > 0.5:
+            self.log(f"warning: step {self.step + 1}: {zero_std:.0%} of groups have zero reward spread and give no "
+                     f"gradient (the silent-zero-gradient trap); consider grpo.dynamic_sampling=true, a larger "
+                     f"num_generations, or a higher temperature")
+        return metrics
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy pass@1 and sampled mean@k on held-out rows (the rank's share; averaged over ranks)."""
+        from .rewards import accuracy_reward
+
+        m = self.cfg.metrics
+        rows = self.source.heldout_rows(m.eval_problems)
+        share = len(rows) // self.dist.world
+        rows = rows[self.dist.rank * share:(self.dist.rank + 1) * share] or rows
+        prompts = [self.codec.encode(r.prompt) for r in rows]
+        answers = [r.fields["answer"] for r in rows]
+        g = self.cfg.grpo
+
+        def score(out, reps):
+            texts = [self.codec.decode(ids) for ids in out.completions()]
+            ps = [r.prompt for r in rows for _ in range(reps)]
+            return sum(accuracy_reward(ps, texts, answer=[a for a in answers for _ in range(reps)]))
+
+        greedy = generate(self.policy, prompts, g.max_completion_length, greedy=True, eos_token_id=self.codec.eos,
+                          pad_token_id=self.codec.pad or 0)
+        res = torch.tensor([score(greedy, 1), float(len(rows)), 0.0, 0.0], dtype=torch.float64)
+        if m.eval_samples:
+            k = m.eval_samples
+            gen = torch.Generator(device=self.dist.device).manual_seed(self.cfg.seed + 12345)
+            sampled = generate(self.policy, [p for p in prompts for _ in range(k)], g.max_completion_length,
+                               temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_token_id=self.codec.eos,
+                               pad_token_id=self.codec.pad or 0, generator=gen)
+            res[2], res[3] = score(sampled, k), float(len(rows) * k)
+        res = all_reduce_sum(res, self.dist.world)
+        out = {"accuracy": float(res[0] / res[1])}
+        if m.eval_samples:
+            out[f"accuracy_mean@{m.eval_samples}"] = float(res[2] / res[3])
+        return out
+
+    # ---------------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            with open(os.path.join(cfg.run_dir, "job.toml"), "w") as f:
+                f.write(to_toml(cfg))
+        metrics_f = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") if main else None
+        samples_f = open(os.path.join(cfg.run_dir, "samples.jsonl"), "a") if main else None
+        bar = None
+        if main and cfg.metrics.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.grpo.steps, initial=self.step, desc="grpo", file=sys.stderr, dynamic_ncols=True)
+        summary = {}
+        try:
+            if self.step == 0:
+                summary["before"] = self.evaluate()
+                self.log(f"held-out before GRPO: {summary['before']}")
+                if metrics_f:
+                    metrics_f.write(json.dumps({"step": 0, **summary["before"]}) + "\n")
+            last = {}
+            while self.step < cfg.grpo.steps:
+                last = self.train_step()
+                self.step += 1
+                if self.step == cfg.grpo.steps or (cfg.metrics.eval_every and self.step % cfg.metrics.eval_every == 0):
+                    last.update(self.evaluate())
+                    self.log(f"step {self.step}: held-out accuracy {last['accuracy']:.3f}")
+                if metrics_f:
+                    metrics_f.write(json.dumps(last) + "\n")
+                    metrics_f.flush()
+                if samples_f and cfg.metrics.log_samples:
+                    self._log_samples(samples_f)
+                if bar is not None:
+                    bar.set_postfix(reward=f"{last['reward_mean']:.3f}", len=f"{last['completion_length_mean']:.0f}")
+                    bar.update(1)
+                if self.step == cfg.grpo.steps or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                    if main:
+                        save_checkpoint(cfg.run_dir, self.step, self.policy, self.optimizer, self.state,
+                                        to_toml(cfg), keep=cfg.checkpoint.keep, model_files=[self.codec.path])
+            summary["after"] = {k: v for k, v in last.items() if k.startswith("accuracy")}
+        finally:
+            for f in (metrics_f, samples_f):
+                if f:
+                    f.close()
+            if bar is not None:
+                bar.close()
+            self.rewards.close()
+        if main:
+            from model import save_model
+            import shutil
+
+            final = os.path.join(cfg.run_dir, "final")
+            save_model(self.policy, final)
+            shutil.copy(self.codec.path, os.path.join(final, "tokenizer.json"))
+        return summary
+
+    def _log_samples(self, f) -> None:
+        roll = getattr(self, "_last_roll", None)
+        if roll is None:
+            return
+        for i in range(min(self.cfg.metrics.log_samples, len(roll["texts"]))):
+            f.write(json.dumps({"step": self.step, "prompt": roll["prompts"][i], "completion": roll["texts"][i],
+                                "reward": roll["rewards"].total[i]}) + "\n")
+        f.flush()
+
+
+def _replace_groups(roll, fresh, dead: list[int], G: int) -> dict:
+    """Put fresh groups in place of the dead ones (tensors re-padded to a common width)."""
+    from model.generate import GenerationOutput
+
+    a, b = roll["out"], fresh["out"]
+    rows_a = [i * G + j for i in range(len(dead)) for j in range(G)]
+    rows_dead = [d * G + j for d in dead for j in range(G)]
+
+    def merge_left(x, y, fill):
+        width = max(x.shape[1], y.shape[1])
+        x2 = torch.nn.functional.pad(x, (width - x.shape[1], 0), value=fill)
+        y2 = torch.nn.functional.pad(y, (width - y.shape[1], 0), value=fill)
+        x2[rows_dead] = y2[rows_a]
+        return x2
+
+    def merge_right(x, y, fill):
+        width = max(x.shape[1], y.shape[1])
+        x2 = torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
+        y2 = torch.nn.functional.pad(y, (0, width - y.shape[1]), value=fill)
+        x2[rows_dead] = y2[rows_a]
+        return x2
+
+    finished = a.finished.clone()
+    finished[rows_dead] = b.finished[rows_a]
+    out = GenerationOutput(merge_left(a.prompt_ids, b.prompt_ids, 0), merge_left(a.prompt_mask, b.prompt_mask, False),
+                           merge_right(a.completion_ids, b.completion_ids, 0),
+                           merge_right(a.completion_mask, b.completion_mask, False),
+                           merge_right(a.logprobs, b.logprobs, 0.0), finished)
+    texts, prompts = list(roll["texts"]), list(roll["prompts"])
+    for src, dst in zip(rows_a, rows_dead):
+        texts[dst], prompts[dst] = fresh["texts"][src], fresh["prompts"][src]
+    total = list(roll["rewards"].total)
+    for src, dst in zip(rows_a, rows_dead):
+        total[dst] = fresh["rewards"].total[src]
+    roll = dict(roll, out=out, texts=texts, prompts=prompts)
+    roll["rewards"].total = total
+    return roll
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_job_config(GRPOConfig, argv, prog="python -m rl.grpo", description=__doc__)
+    except JobConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.grpo.threads:
+        torch.set_num_threads(cfg.grpo.threads)
+    dist = init_distributed()
+    try:
+        trainer = GRPOTrainer(cfg, dist)
+        trainer.maybe_resume()
+        summary = trainer.run()
+        if dist.is_main:
+            print(json.dumps(summary))
+        return 0
+    except (JobConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown(dist.world)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
