@@ -56,6 +56,7 @@ class TrainingSection:
     compile: bool = False  # torch.compile the model
     max_skipped_steps: int = 5  # non-finite steps tolerated before the run stops
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    max_seconds: float = 0.0  # stop after the step that crosses this wall time (0 = run all steps)
 
 
 @dataclass
@@ -166,7 +167,8 @@ def run(cfg: PretrainConfig, dist) -> int:
                       eval_batches=eval_batches, steps=t.steps, grad_accum=t.grad_accum,
                       optimizer_cfg=cfg.optimizer, checkpoint_cfg=cfg.checkpoint, metrics_cfg=cfg.metrics,
                       dist=dist, dtype=t.dtype, compile=t.compile, max_skipped_steps=t.max_skipped_steps,
-                      on_eval=on_eval, model_files=[tokenizer_file] if tokenizer_file else None)
+                      on_eval=on_eval, model_files=[tokenizer_file] if tokenizer_file else None,
+                      max_seconds=t.max_seconds)
     trainer.maybe_resume(cfg.resume)
     if dist.is_main:
         n = sum(p.numel() for p in model.parameters())

@@ -42,7 +42,8 @@ class Trainer:
                  steps: int, grad_accum: int, optimizer_cfg: OptimizerConfig, checkpoint_cfg: CheckpointConfig,
                  metrics_cfg: MetricsConfig, dist: DistInfo, dtype: str = "fp32", compile: bool = False,
                  max_skipped_steps: int = 5, extra_state: dict | None = None,
-                 on_eval: Callable[[Transformer, int], dict] | None = None, model_files: list[str] | None = None):
+                 on_eval: Callable[[Transformer, int], dict] | None = None, model_files: list[str] | None = None,
+                 max_seconds: float = 0.0):
         self.job, self.model, self.batches, self.eval_batches = job, model, batches, eval_batches
         self.steps, self.grad_accum = steps, grad_accum
         self.opt_cfg, self.ckpt_cfg, self.metrics_cfg = optimizer_cfg, checkpoint_cfg, metrics_cfg
@@ -52,6 +53,7 @@ class Trainer:
         self.step = 0
         self.state = {"skipped_steps": 0, "tokens_seen": 0, **(extra_state or {})}
         self.on_eval = on_eval
+        self.max_seconds = max_seconds  # > 0: stop (evaluate, checkpoint) once a step ends past this wall time
         self.model_files = [f for f in (model_files or []) if f and os.path.isfile(f)]
         self.forward = torch.compile(model) if compile else model
         self.gamma = model.config.bias_update_speed
@@ -105,10 +107,14 @@ class Trainer:
         metrics_file = open(os.path.join(self.run_dir, "metrics.jsonl"), "a") if self.dist.is_main else None
         last: dict = {}
         try:
+            started = time.perf_counter()
             while self.step < self.steps:
                 last = self._train_step(params, peak)
                 self.step += 1
                 last["step"] = self.step
+                if self.max_seconds and self._out_of_time(started):
+                    self.log(f"time budget of {self.max_seconds:.0f}s reached at step {self.step}")
+                    self.steps = self.step  # makes this the final step: evaluate and checkpoint now
                 if self._due(self.metrics_cfg.eval_every) and self.eval_batches is not None:
                     last.update(self.evaluate())
                 if metrics_file:
@@ -125,6 +131,10 @@ class Trainer:
             if metrics_file:
                 metrics_file.close()
         return last
+
+    def _out_of_time(self, started: float) -> bool:
+        elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+        return float(all_reduce_sum(elapsed, self.dist.world)) / self.dist.world >= self.max_seconds  # ranks agree
 
     def _due(self, every: int) -> bool:
         return self.step == self.steps or (every > 0 and self.step % every == 0)

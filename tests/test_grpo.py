@@ -1,0 +1,97 @@
+"""The GRPO loop end to end on a tiny model: metrics, rollout/training log-prob agreement, exact resume,
+reference KL, dynamic sampling, config refusals.
+
+Run: python -m pytest -q tests/test_grpo.py
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import Transformer, preset, save_model
+from rl.grpo import main
+from train.corpus import build_tokenizer
+
+COMMON = ["--grpo.prompts_per_step", "4", "--grpo.num_generations", "4", "--grpo.max_completion_length", "12",
+          "--grpo.micro_batch", "8", "--metrics.eval_problems", "4", "--metrics.eval_samples", "2",
+          "--metrics.progress", "false", "--task.rewards", "tests.rl_test_rewards:digit_share",
+          "--task.reward_weights", "1.0", "--optimizer.lr", "0.003", "--optimizer.warmup_steps", "1",
+          "--grpo.threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("grpo") / "base"
+    save_model(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())), path)
+    tok.save(str(path / "tokenizer.json"))
+    return str(path)
+
+
+def _rows(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loop_logs_metrics_and_rollout_logprobs_match_training(base, tmp_path):
+    run = str(tmp_path / "run")
+    assert main(COMMON + ["--model.init_from", base, "--run-dir", run, "--grpo.steps", "2"]) == 0
+    rows = _rows(run)
+    assert rows[0]["step"] == 0 and "accuracy" in rows[0] and "accuracy_mean@2" in rows[0]
+    last = rows[-1]
+    for key in ("reward_mean", "reward_std", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "entropy",
+                "completion_length_mean", "completion_length_max", "truncation_rate", "frac_reward_zero_std",
+                "rollout_tokens_per_s", "train_tokens_per_s", "step_seconds", "logp_diff_max", "accuracy"):
+        assert key in last, key
+    assert all(r["logp_diff_max"] <= 1e-5 for r in rows[1:])  # generator and training kernels agree
+    assert all(abs(r["ratio_mean"] - 1.0) < 1e-5 for r in rows[1:])  # mu = 1: on-policy ratio is 1
+    assert os.path.isfile(os.path.join(run, "final", "tokenizer.json"))
+    samples = [json.loads(line) for line in open(os.path.join(run, "samples.jsonl"))]
+    assert samples and {"prompt", "completion", "reward"} <= samples[0].keys()
+
+
+def test_resume_continues_bit_for_bit(base, tmp_path):
+    args = COMMON + ["--model.init_from", base, "--grpo.steps", "4", "--checkpoint.every", "2",
+                     "--metrics.eval_every", "0"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert main(args + ["--run-dir", full]) == 0
+    assert main(args + ["--run-dir", cut]) == 0
+    shutil.rmtree(os.path.join(cut, "checkpoints", "step_00000004"))  # as if killed after step 2's checkpoint
+    shutil.rmtree(os.path.join(cut, "final"))
+    assert main(args + ["--run-dir", cut, "--resume", "auto"]) == 0
+    a = load_file(os.path.join(full, "final", "model.safetensors"))
+    b = load_file(os.path.join(cut, "final", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], load_file(os.path.join(base, "model.safetensors"))[k]) for k in a)
+
+
+def test_reference_kl_and_dynamic_sampling(base, tmp_path):
+    run = str(tmp_path / "kl")
+    assert main(COMMON + ["--model.init_from", base, "--run-dir", run, "--grpo.steps", "2", "--grpo.beta", "0.1",
+                          "--grpo.num_iterations", "2", "--grpo.dynamic_sampling", "true",
+                          "--grpo.loss_type", "grpo", "--metrics.eval_every", "0"]) == 0
+    rows = _rows(run)[1:]
+    assert rows[-1]["kl"] > 0  # the policy moved away from the frozen reference
+    assert "refilled_groups" in rows[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grpo.num_generations", "1"], "num_generations"),
+    (["--grpo.loss_type", "ppo"], "loss_type"),
+    (["--task.reward_weights", "1,2,3"], "reward_weights"),
+])
+def test_config_refusals(base, argv, message, capsys):
+    assert main(["--model.init_from", base] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_tokenizer_is_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_model(Transformer(preset("tiny")), tmp_path / "m")
+    assert main(["--model.init_from", str(tmp_path / "m"), "--run-dir", str(tmp_path / "r")]) == 1
+    assert "tokenizer.json" in capsys.readouterr().err
