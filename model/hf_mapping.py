@@ -8,6 +8,9 @@ plus duplicates of the shared `embed_tokens` and `shared_head.head` (= lm_head).
 seekstack layout: no prefix, experts stacked as `mlp.experts.gate_up_proj` [E, 2I, D] (gate rows first) and
 `mlp.experts.down_proj` [E, D, I] (transformers-v5 in-memory layout, also accepted as input), MTP modules at
 `mtp.{k}.{enorm,hnorm,eh_proj,norm}` and `mtp.{k}.block.*`.
+
+DeepseekV2 checkpoints have no `mlp.gate.e_score_correction_bias` (their routing never uses one): seekstack keeps a
+zero fp32 bias there, filled in on import and left out on export.
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ def seekstack_to_hf(key: str, tensor: torch.Tensor, config: ModelConfig) -> dict
         rest = rest.removeprefix("block.")
     else:
         raise KeyError(key)
+    if rest.endswith("mlp.gate.e_score_correction_bias") and not hf_has_router_bias(config):
+        return {}  # transformers' DeepseekV2 router has no correction bias (seekstack keeps an unused zero one)
     if rest.endswith("mlp.experts.gate_up_proj"):
         gate, up = tensor.chunk(2, dim=1)
         base = prefix + rest.removesuffix("gate_up_proj")
@@ -139,9 +144,22 @@ def seekstack_state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConf
         if key.endswith("tokens_per_expert"):
             continue
         out.update(seekstack_to_hf(key, tensor, config))
-    head = state.get("lm_head.weight", state["embed_tokens.weight"])
+    for hf_key, key in mtp_shared_copies(config).items():
+        out[hf_key] = state.get(key, state["embed_tokens.weight"])
+    return out
+
+
+def mtp_shared_copies(config: ModelConfig) -> dict[str, str]:
+    """HF name of each MTP layer's duplicate of a shared tensor -> the seekstack tensor it duplicates."""
+    head = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    out = {}
     for k in range(config.num_nextn_predict_layers):
         prefix = f"model.layers.{config.num_hidden_layers + k}."
-        out[prefix + "embed_tokens.weight"] = state["embed_tokens.weight"]
+        out[prefix + "embed_tokens.weight"] = "embed_tokens.weight"
         out[prefix + "shared_head.head.weight"] = head
     return out
+
+
+def hf_has_router_bias(config: ModelConfig) -> bool:
+    """Whether the HF layout stores `mlp.gate.e_score_correction_bias` (DeepseekV3 does, DeepseekV2 does not)."""
+    return config.model_type != "deepseek_v2"

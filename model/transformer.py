@@ -50,6 +50,10 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Swappable by tensor parallelism (model/parallel/tensor_parallel.py), which shards the head by vocabulary:
+        # the loss then becomes a vocab-parallel CE, and logits returned without a loss are gathered to full vocab.
+        self.cross_entropy = shifted_cross_entropy
+        self.gather_logits = None
         self.init_weights()
 
     @torch.no_grad()
@@ -114,8 +118,11 @@ class Transformer(nn.Module):
 
         if (labels is not None or return_mtp_logits) and len(self.mtp) > 0 and cache is None:
             self._forward_mtp(out, input_ids, labels, cos, sin, mask, balance_alpha, balance, return_mtp_logits)
+        if labels is None and self.gather_logits is not None:
+            out.logits = self.gather_logits(out.logits)
+            out.mtp_logits = [self.gather_logits(logits) for logits in out.mtp_logits]
         if labels is not None:
-            out.ce_loss = shifted_cross_entropy(out.logits, labels, shift=1)
+            out.ce_loss = self.cross_entropy(out.logits, labels, shift=1)
             loss = out.ce_loss
             if out.mtp_losses:
                 loss = loss + self.config.mtp_loss_lambda / len(out.mtp_losses) * torch.stack(out.mtp_losses).sum()
@@ -139,7 +146,7 @@ class Transformer(nn.Module):
             if return_logits:
                 out.mtp_logits.append(logits)
             if labels is not None:
-                out.mtp_losses.append(shifted_cross_entropy(logits, labels, shift=k + 1))
+                out.mtp_losses.append(self.cross_entropy(logits, labels, shift=k + 1))
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
