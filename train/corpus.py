@@ -2,17 +2,20 @@
 
 A document is a question, a reasoning trace and an answer:
 
-    What is 4807 + 395?
-    <think>7+5=12 0+9+1=10 8+3+1=12 4+0+1=5</think><answer>5202</answer><|endoftext|>
+    What is 4807 + 3952?
+    <think>7+2+0=09 0+5+0=05 8+9+0=17 4+3+1=08</think><answer>8759</answer><|endoftext|>
 
-Each step adds one column from the right: digit + digit (+ incoming carry) = column sum. The question-only form
-("What is 4807 + 395?\\n<think>") is the prompt the GRPO stage samples from.
+Both operands have the same number of digits (2, 3 or 4). Each step adds one column from the right: digit +
+digit + incoming carry = the two-digit column sum. Fixed-width steps keep every digit a fixed distance from where
+it is copied, which a small model learns in minutes. The question-only form ("What is 4807 + 3952?\n<think>") is
+the prompt the GRPO stage samples from.
 
-Imperfect on purpose, as real data is: with probability `flawed_fraction`, the worked solution of a problem whose
-larger operand has 4 digits is sloppy — every incoming carry is dropped, and the answer follows the flawed steps.
-A model that imitates the corpus therefore learns to drop carries on long problems (greedy decoding picks the
-majority behaviour), while shorter problems are always solved correctly. A verifier-rewarded policy can surpass the
-data it imitated; a model trained longer on the same data cannot. `flawed_fraction = 0` gives a clean corpus.
+Imperfect on purpose, as real data is: with probability `flawed_fraction` the worked solution of a 4-digit
+problem is sloppy — every incoming carry is written as 0, and the answer follows the flawed steps. A model that
+imitates the corpus learns to drop carries on 4-digit problems when sloppy solutions are the majority (greedy
+decoding picks the majority behaviour), while 2- and 3-digit problems are always solved correctly. A
+verifier-rewarded policy can surpass the data it imitated; a model trained longer on the same data cannot.
+`flawed_fraction = 0` gives a clean corpus.
 
 Problems are split into training and held-out by a hash of the problem itself (never by seed or position), so the
 two sets are disjoint whatever the seed. Generation is deterministic in (seed, index). The tokenizer is character
@@ -55,15 +58,19 @@ class Problem:
         return self.question + "\n<think>"
 
     @property
+    def digits(self) -> int:
+        return len(str(max(self.a, self.b)))
+
+    @property
     def long(self) -> bool:
-        return max(self.a, self.b) >= 1000
+        return self.digits >= 4
 
     def is_held_out(self) -> bool:
         h = hashlib.blake2b(f"{self.a}+{self.b}".encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") % 100 < HELD_OUT_PERCENT
 
     def solution(self, flawed: bool = False) -> str:
-        """The worked column additions and the answer; `flawed` drops every incoming carry."""
+        """The worked column additions and the answer; `flawed` writes every incoming carry as 0."""
         da, db = str(self.a)[::-1], str(self.b)[::-1]
         steps, digits, carry = [], [], 0
         for i in range(max(len(da), len(db))):
@@ -71,7 +78,7 @@ class Problem:
             y = int(db[i]) if i < len(db) else 0
             carry_in = 0 if flawed else carry
             s = x + y + carry_in
-            steps.append(f"{x}+{y}+1={s}" if carry_in else f"{x}+{y}={s}")
+            steps.append(f"{x}+{y}+{carry_in}={s:02d}")
             digits.append(s % 10)
             carry = s // 10
         if carry:
@@ -81,11 +88,10 @@ class Problem:
 
 
 def sample_problem(rng: np.random.Generator) -> Problem:
-    """Operands of 1-4 digits; a quarter of the mass on each length of the larger operand."""
-    n_digits = int(rng.integers(1, 5))
-    a = int(rng.integers(10 ** (n_digits - 1) if n_digits > 1 else 0, 10 ** n_digits))
-    b = int(rng.integers(0, 10 ** int(rng.integers(1, n_digits + 1))))
-    return Problem(a, b) if rng.random() < 0.5 else Problem(b, a)
+    """Two operands of the same length, 2, 3 or 4 digits with equal probability."""
+    n = int(rng.integers(2, 5))
+    lo, hi = 10 ** (n - 1), 10 ** n
+    return Problem(int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
 
 
 def problems(seed: int, count: int, held_out: bool) -> list[Problem]:
