@@ -1,21 +1,19 @@
-"""The built-in corpus: procedurally generated multi-digit addition with worked column-by-column solutions.
+"""The built-in corpus: procedurally generated 3-digit addition with worked column-by-column solutions.
 
 A document is a question, a reasoning trace and an answer:
 
-    What is 4807 + 3952?
-    <think>7+2+0=09 0+5+0=05 8+9+0=17 4+3+1=08</think><answer>8759</answer><|endoftext|>
+    What is 807 + 952?
+    <think>7+2+0=09 0+5+0=05 8+9+0=17</think><answer>1759</answer><|endoftext|>
 
-Both operands have the same number of digits (2, 3 or 4). Each step adds one column from the right: digit +
-digit + incoming carry = the two-digit column sum. Fixed-width steps keep every digit a fixed distance from where
-it is copied, which a small model learns in minutes. The question-only form ("What is 4807 + 3952?\n<think>") is
-the prompt the GRPO stage samples from.
+Each step adds one column from the right: digit + digit + incoming carry = the two-digit column sum. Fixed-width
+operands and steps keep every digit a fixed distance from where it is copied, which a small model learns in
+minutes. The question-only form ("What is 807 + 952?\n<think>") is the prompt the GRPO stage samples from.
 
-Imperfect on purpose, as real data is: with probability `flawed_fraction` the worked solution of a 4-digit
-problem is sloppy — every incoming carry is written as 0, and the answer follows the flawed steps. A model that
-imitates the corpus learns to drop carries on 4-digit problems when sloppy solutions are the majority (greedy
-decoding picks the majority behaviour), while 2- and 3-digit problems are always solved correctly. A
-verifier-rewarded policy can surpass the data it imitated; a model trained longer on the same data cannot.
-`flawed_fraction = 0` gives a clean corpus.
+Imperfect on purpose, as real data is: with probability `flawed_fraction` a worked solution is sloppy — it forgets
+the carry into the leading (hundreds) column, and its answer follows the flawed step. When sloppy solutions are the
+majority, a model that imitates the corpus learns to forget that carry (greedy decoding picks the majority
+behaviour) and gets every problem with a carry into the hundreds wrong. A verifier-rewarded policy can surpass the
+data it imitated; a model trained longer on the same data cannot. `flawed_fraction = 0` gives a clean corpus.
 
 Problems are split into training and held-out by a hash of the problem itself (never by seed or position), so the
 two sets are disjoint whatever the seed. Generation is deterministic in (seed, index). The tokenizer is character
@@ -62,21 +60,24 @@ class Problem:
         return len(str(max(self.a, self.b)))
 
     @property
-    def long(self) -> bool:
-        return self.digits >= 4
+    def carries_into_leading_column(self) -> bool:
+        """True when the correct solution carries into the leading column (what sloppy solutions forget)."""
+        n = self.digits - 1
+        return (self.a % 10**n) + (self.b % 10**n) >= 10**n
 
     def is_held_out(self) -> bool:
         h = hashlib.blake2b(f"{self.a}+{self.b}".encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") % 100 < HELD_OUT_PERCENT
 
     def solution(self, flawed: bool = False) -> str:
-        """The worked column additions and the answer; `flawed` writes every incoming carry as 0."""
+        """The worked column additions and the answer; `flawed` forgets the carry into the leading column."""
         da, db = str(self.a)[::-1], str(self.b)[::-1]
+        width = max(len(da), len(db))
         steps, digits, carry = [], [], 0
-        for i in range(max(len(da), len(db))):
+        for i in range(width):
             x = int(da[i]) if i < len(da) else 0
             y = int(db[i]) if i < len(db) else 0
-            carry_in = 0 if flawed else carry
+            carry_in = 0 if (flawed and i == width - 1) else carry
             s = x + y + carry_in
             steps.append(f"{x}+{y}+{carry_in}={s:02d}")
             digits.append(s % 10)
@@ -87,10 +88,9 @@ class Problem:
         return f"<think>{' '.join(steps)}</think><answer>{answer}</answer>"
 
 
-def sample_problem(rng: np.random.Generator) -> Problem:
-    """Two operands of the same length, 2, 3 or 4 digits with equal probability."""
-    n = int(rng.integers(2, 5))
-    lo, hi = 10 ** (n - 1), 10 ** n
+def sample_problem(rng: np.random.Generator, digits: int = 3) -> Problem:
+    """Two operands of exactly `digits` digits."""
+    lo, hi = 10 ** (digits - 1), 10 ** digits
     return Problem(int(rng.integers(lo, hi)), int(rng.integers(lo, hi)))
 
 
@@ -142,7 +142,7 @@ class BuiltinCorpus:
         return self.tokenizer.get_vocab_size()
 
     def document(self, p: Problem, rng: np.random.Generator) -> str:
-        flawed = p.long and rng.random() < self.flawed_fraction
+        flawed = rng.random() < self.flawed_fraction
         return f"{p.question}\n{p.solution(flawed)}{EOS}"
 
     def _tokens(self, plist: list[Problem], salt: int) -> np.ndarray:
