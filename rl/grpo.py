@@ -1,8 +1,8 @@
 """GRPO, R1-Zero style: `python -m rl.grpo [--config configs/grpo_*.toml] [--section.key=value ...]`
-(also under `torchrun --nproc_per_node=N -m rl.grpo`).
+(also under `torchrun --nproc_per_node=N -m rl.grpo [--parallelism.tp T] [--parallelism.ep E]`).
 
 One step (DeepSeekMath §4.1, R1 §2.2):
- 1. take `prompts_per_step` prompts (each rank a share; a prompt's group never crosses ranks);
+ 1. take `prompts_per_step` prompts (each data-parallel replica a contiguous share of whole prompt groups);
  2. sample `num_generations` (G) completions per prompt with seekstack's latent-cache generator; the generator's
     per-token log-probs are the old-policy log-probs (same kernels as training; the max |Δlogp| against the
     training recomputation is logged as `logp_diff_max`);
@@ -17,6 +17,17 @@ One step (DeepSeekMath §4.1, R1 §2.2):
 Option names follow TRL's GRPOConfig where the concept is the same (num_generations, max_completion_length,
 temperature, top_p, top_k, num_iterations, epsilon, epsilon_high, beta, loss_type, scale_rewards,
 mask_truncated_completions, reward_weights).
+
+Under torchrun (train/distributed.py): the policy (and the reference) are sharded for the layout. Rollouts run per
+MODEL-PARALLEL GROUP (the `mp` consecutive ranks joined by TP or EP collectives; one group per process without
+tp/ep): every rank of a group generates the group's contiguous share of the step's prompts with the same sampling
+seed, hash((seed, step, group index, refill round)), so they run the same decode steps. Training runs per
+DATA-PARALLEL REPLICA: replica d trains on prompts [d * P/dp, (d+1) * P/dp) of the step (whole groups, inside its
+model-parallel group's share). Rewards are gathered over all groups before advantages (scale_rewards=batch sees the
+whole step), the loss normaliser counts over the data-parallel group, gradients go through model/parallel's
+sync_gradients and the layout-aware clip, and the expert-bias update sums the loads over the data-parallel group.
+With tp = ep = 1 and one process this is the single-process algorithm exactly; with tp = 2 on 2 processes (one
+group, one replica), or ep = 2 (one group of two replicas), the step is the single-process step on the same prompts.
 """
 
 from __future__ import annotations
@@ -30,14 +41,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import load_model
 from model.balance import update_expert_bias
-from model.generate import generate
-from train.checkpoint import CheckpointCorrupt, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from model.generate import GenerationOutput, generate
+from model.parallel import clip_grad_norm_, comm_stats, sync_gradients
+from train.checkpoint import (CheckpointCorrupt, CheckpointMismatch, export_final, resolve_resume, restore_checkpoint,
+                              save_checkpoint)
 from train.config import (CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig,
                           load_job_config, to_toml)
-from train.distributed import DistInfo, all_reduce_mean_grads, all_reduce_sum, init_distributed, shutdown
+from train.distributed import DistInfo, dp_max, dp_sum, init_distributed, shutdown, world_gather, world_sum
 from train.optim import build_optimizer, lr_at, set_lr
+from train.pretrain import load_for_layout, validate_parallelism
+from train.trainer import comm_metrics
 
 from .loss import LOSS_TYPES, SCALE_REWARDS, LossStats, group_advantages, grpo_loss, loss_normalizer
 from .rewards import RewardRunner
@@ -71,7 +85,7 @@ class GRPOHyper:
     top_k: int = 0
     num_iterations: int = 1  # mu
     steps_per_generation: int = 1  # optimizer steps per generation batch (each on a slice of the groups)
-    micro_batch: int = 64  # sequences per forward/backward
+    micro_batch: int = 64  # sequences per forward/backward (per data-parallel replica)
     epsilon: float = 0.2
     epsilon_high: float = 0.0  # 0 = same as epsilon; DAPO clip-higher uses 0.28
     beta: float = 0.0  # KL coefficient (R1: 0.001); 0 skips the reference model
@@ -121,9 +135,19 @@ class GRPOConfig:
         for key in ("steps", "prompts_per_step", "max_completion_length", "num_iterations", "micro_batch"):
             if getattr(g, key) < 1:
                 raise JobConfigError(f"`grpo.{key}` must be >= 1")
-        if self.parallelism.tp != 1 or self.parallelism.ep != 1:
-            raise JobConfigError("`parallelism.tp`/`parallelism.ep` > 1 are not wired into GRPO yet; use torchrun "
-                                 "data parallelism")
+        validate_parallelism(self.parallelism)
+
+    def validate_layout(self, dist: DistInfo) -> None:
+        """Checks that need the world size: every data-parallel replica gets whole prompt groups, equal slices."""
+        g, dp = self.grpo, dist.dp
+        if g.prompts_per_step % dp:
+            raise JobConfigError(f"`grpo.prompts_per_step` = {g.prompts_per_step} must be divisible by the data-"
+                                 f"parallel size dp = {dist.world} processes / tp {dist.tp} = {dp} (a prompt's group "
+                                 f"never crosses replicas)")
+        if (g.prompts_per_step // dp * g.num_generations) % g.steps_per_generation:
+            raise JobConfigError(f"each replica's {g.prompts_per_step // dp} prompts x {g.num_generations} "
+                                 f"generations do not split into `grpo.steps_per_generation` = "
+                                 f"{g.steps_per_generation} equal slices; change prompts_per_step")
 
 
 # ------------------------------------------------------------------------------------------------ rollout helpers
@@ -167,12 +191,13 @@ class TextCodec:
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
+        cfg.validate_layout(dist)
         self.codec = TextCodec(cfg.model.init_from)
-        self.policy = load_model(cfg.model.init_from).to(dist.device)
+        self.policy = load_for_layout(cfg.model.init_from, dist)  # this rank's shards, any checkpoint layout
         self.policy.config.bias_update_speed = cfg.model.bias_update_speed
         self.reference = None
         if cfg.grpo.beta > 0:
-            self.reference = load_model(cfg.model.init_from).to(dist.device).eval()
+            self.reference = load_for_layout(cfg.model.init_from, dist).eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
         self.optimizer = build_optimizer(self.policy, cfg.optimizer)
@@ -189,35 +214,42 @@ class GRPOTrainer:
 
     # ---------------------------------------------------------------------------------------- resume
     def maybe_resume(self) -> None:
+        """Collective under torchrun: every rank restores its shards and optimizer state of the same checkpoint."""
         resume = self.cfg.resume
         if not resume:
             return
-        path = latest_valid(self.cfg.run_dir, log=self.log) if resume == "auto" else resume
+        try:
+            path = resolve_resume(resume, self.cfg.run_dir, self.dist, log=self.log)
+        except CheckpointCorrupt as e:
+            raise JobConfigError(str(e)) from None
         if path is None:
-            if list_checkpoints(self.cfg.run_dir):
-                raise JobConfigError(f"{self.cfg.run_dir}: every checkpoint is corrupt; nothing to resume from")
             self.log("resume=auto: no checkpoint yet, starting fresh")
             return
         try:
-            model, opt, state = load_checkpoint(path, lambda m: build_optimizer(m, self.cfg.optimizer))
-        except CheckpointCorrupt as e:
-            raise JobConfigError(f"cannot resume: {e}") from None
-        if state.get("reference") != self.state["reference"]:
-            raise JobConfigError(f"{path}: was trained against reference {state.get('reference')}, but "
+            with open(os.path.join(path, "trainer_state.json")) as f:
+                reference = json.load(f).get("reference")
+        except (OSError, json.JSONDecodeError):
+            reference = self.state["reference"]  # restore_checkpoint names the problem
+        if reference != self.state["reference"]:
+            raise JobConfigError(f"{path}: was trained against reference {reference}, but "
                                  f"model.init_from is {self.state['reference']}")
-        self.policy.load_state_dict(model.state_dict())
-        self.optimizer.load_state_dict(opt.state_dict())
+        try:
+            state = restore_checkpoint(path, self.policy, self.optimizer, self.dist)
+        except (CheckpointCorrupt, CheckpointMismatch) as e:
+            raise JobConfigError(f"cannot resume: {e}") from None
         self.step = state.pop("step")
         self.state.update(state)
         self.log(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------- rollout
     def rollout(self, rows, step: int, salt: int = 0) -> dict:
+        """Sample G completions of each row and score them. Collective over the model-parallel group: its ranks
+        pass the same rows and share the seed (the group index; the process rank without tp/ep)."""
         g = self.cfg.grpo
         G = g.num_generations
         prompts = [self.codec.encode(r.prompt) for r in rows for _ in range(G)]
         gen = torch.Generator(device=self.dist.device).manual_seed(
-            hash((self.cfg.seed, step, self.dist.rank, salt)) % (2**63))
+            hash((self.cfg.seed, step, self.dist.mp_index, salt)) % (2**63))
         t0 = time.perf_counter()
         out = generate(self.policy, prompts, g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                        top_p=g.top_p, eos_token_id=self.codec.eos, pad_token_id=self.codec.pad or 0,
@@ -230,40 +262,47 @@ class GRPOTrainer:
         return {"out": out, "texts": texts, "prompts": prompt_texts, "rewards": result,
                 "answers": fields.get("answer"), "seconds": seconds, "rows": rows}
 
-    def gather_rewards(self, local: torch.Tensor) -> torch.Tensor:
-        """All ranks' rewards in rank order (for batch-level std); local rewards when not distributed."""
+    def gather_rewards(self, group_rewards: torch.Tensor) -> torch.Tensor:
+        """The step's rewards [prompts_per_step * G] in prompt order on every rank, from this rank's model-parallel
+        group's [prompts_per_step / groups * G]: all-gathered over the world, each group's first rank's copy taken
+        (the ranks of a group score the same completions; one copy keeps every rank's decisions identical)."""
         if self.dist.world == 1:
-            return local
-        import torch.distributed as tdist
+            return group_rewards
+        rows = world_gather(group_rewards, self.dist)  # [world, n]
+        return rows[::self.dist.mp].flatten()  # groups are consecutive blocks of mp ranks
 
-        parts = [torch.empty_like(local) for _ in range(self.dist.world)]
-        tdist.all_gather(parts, local)
-        return torch.cat(parts)
+    def _shares(self) -> tuple[int, int, slice, slice]:
+        """(prompts per model-parallel group, per replica, this replica's sequences in the step, the same rows
+        inside its group's rollout)."""
+        d, G, P = self.dist, self.cfg.grpo.num_generations, self.cfg.grpo.prompts_per_step
+        per_group, per_replica = P // d.mp_groups, P // d.dp
+        first = d.dp_rank * per_replica  # replica d's first prompt; its group starts at mp_index * per_group
+        own = slice(first * G, (first + per_replica) * G)
+        offset = first - d.mp_index * per_group
+        return per_group, per_replica, own, slice(offset * G, (offset + per_replica) * G)
 
     # ---------------------------------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg, g = self.cfg, self.cfg.grpo
         G = g.num_generations
         t_start = time.perf_counter()
-        per_rank = g.prompts_per_step // self.dist.world
-        if per_rank * self.dist.world != g.prompts_per_step:
-            raise JobConfigError("`grpo.prompts_per_step` must be divisible by the number of processes")
-        rows = self.source.train_rows(self.step, g.prompts_per_step)[self.dist.rank * per_rank:
-                                                                      (self.dist.rank + 1) * per_rank]
+        comm_stats.reset()
+        per_group, _, own, in_group = self._shares()
+        r = self.dist.mp_index
+        rows = self.source.train_rows(self.step, g.prompts_per_step)[r * per_group:(r + 1) * per_group]
         roll = self.rollout(rows, self.step)
-        rewards = torch.tensor(roll["rewards"].total, dtype=torch.float32)
+        all_rewards = self.gather_rewards(torch.tensor(roll["rewards"].total, dtype=torch.float32))
         self._last_roll = roll
         refills = 0
         if g.dynamic_sampling:
-            roll, rewards, refills = self._dynamic_sampling(roll, rewards)
+            roll, all_rewards, refills = self._dynamic_sampling(roll, all_rewards)
             self._last_roll = roll
-        all_rewards = self.gather_rewards(rewards)
         adv_all = group_advantages(all_rewards, G, g.scale_rewards)
+        rewards, advantages = all_rewards[own], adv_all[own]  # this replica's sequences
         n_local = rewards.numel()
-        advantages = adv_all[self.dist.rank * n_local: (self.dist.rank + 1) * n_local]
         zero_std = float((all_rewards.view(-1, G).std(dim=1) == 0).float().mean())
 
-        out = roll["out"]
+        out = _rows_of(roll["out"], in_group)
         completion_mask = out.completion_mask.clone()
         truncated = ~out.finished
         if g.mask_truncated_completions:
@@ -286,8 +325,8 @@ class GRPOTrainer:
                 lr = lr_at(self.state.get("optimizer_steps", 0), self.total_steps, cfg.optimizer)
                 set_lr(self.optimizer, lr)
                 lengths = completion_mask[sl].sum(1)
-                counts = all_reduce_sum(torch.tensor([float(len(sl)), float(lengths.sum())], dtype=torch.float64),
-                                        self.dist.world)
+                counts = dp_sum(torch.tensor([float(len(sl)), float(lengths.sum())], dtype=torch.float64),
+                                self.dist)
                 normalizer = self._normalizer(counts)
                 for mb in sl.split(g.micro_batch):
                     logp, entropy = completion_logprobs(self.policy, out.prompt_ids[mb], out.prompt_mask[mb],
@@ -303,78 +342,93 @@ class GRPOTrainer:
                                     epsilon_high=g.epsilon_high or None, beta=g.beta, normalizer=normalizer)
                     res.loss.backward()
                     stats = stats + res.stats
-                params = [p for p in self.policy.parameters() if p.requires_grad]
-                all_reduce_mean_grads(params, self.dist.world)
-                torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or float("inf"))
+                sync_gradients(self.policy, self.dist.layout)
+                clip_grad_norm_(self.policy, self.dist.layout, cfg.optimizer.grad_clip or float("inf"))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                loads = update_expert_bias(self.policy, self.policy.config.bias_update_speed)
+                loads = update_expert_bias(self.policy, self.policy.config.bias_update_speed,
+                                           reduce_fn=self.dist.layout.reduce_expert_load)
                 if loads is not None:
                     loads_steps.append(loads)
                 self.state["optimizer_steps"] = self.state.get("optimizer_steps", 0) + 1
         train_seconds = time.perf_counter() - t_train
-        return self._metrics(roll, rewards, advantages, stats, completion_mask, truncated, zero_std, logp_diff,
-                             entropy_sum, lr, refills, time.perf_counter() - t_start, train_seconds, loads_steps)
+        comm = comm_stats.snapshot()
+        metrics = self._metrics(roll, out, rewards, adv_all, stats, completion_mask, truncated, zero_std, logp_diff,
+                                entropy_sum, lr, refills, time.perf_counter() - t_start, train_seconds, loads_steps,
+                                in_group)
+        if self.dist.world > 1:
+            metrics.update(comm_metrics(comm, self.dist))
+        return metrics
 
     def _normalizer(self, counts: torch.Tensor) -> float:
-        """rl.loss's normaliser for one optimizer step from the (rank-summed) sequence and token counts."""
+        """rl.loss's normaliser for one optimizer step from the (dp-summed) sequence and token counts."""
         g = self.cfg.grpo
         n_seq, n_tok = int(counts[0]), int(counts[1])
         lengths = [n_tok] + [0] * (n_seq - 1)  # only the totals matter to the normaliser
-        return loss_normalizer(torch.tensor(lengths), g.loss_type, g.max_completion_length, self.dist.world) \
+        return loss_normalizer(torch.tensor(lengths), g.loss_type, g.max_completion_length, self.dist.dp) \
             if n_tok > 0 or g.loss_type != "dapo" else 1.0
 
-    def _dynamic_sampling(self, roll, rewards):
-        """DAPO: replace groups whose rewards have zero spread with fresh prompts, up to max_refills rounds."""
+    def _dynamic_sampling(self, roll, all_rewards):
+        """DAPO: replace groups whose rewards have zero spread with fresh prompts, up to max_refills rounds.
+
+        Decided on the step's gathered rewards, so every rank runs the same rounds; the dead groups of all
+        model-parallel groups draw one batch of fresh rows, each group rolling out its own (in prompt order)."""
         g = self.cfg.grpo
         G = g.num_generations
+        per_group = g.prompts_per_step // self.dist.mp_groups
+        lo = self.dist.mp_index * per_group
         refills = 0
         for attempt in range(1, g.max_refills + 1):
-            flat = rewards.view(-1, G)
-            dead = (flat.std(dim=1) == 0).nonzero().flatten().tolist()
+            dead = (all_rewards.view(-1, G).std(dim=1) == 0).nonzero().flatten().tolist()
             if not dead:
                 break
             fresh_rows = self.source.train_rows(10_000_000 + self.step * 97 + attempt, len(dead))
-            fresh = self.rollout(fresh_rows, self.step, salt=attempt)
-            fresh_rewards = torch.tensor(fresh["rewards"].total, dtype=torch.float32).view(-1, G)
-            roll = _replace_groups(roll, fresh, dead, G)
-            flat[dead] = fresh_rewards
-            rewards = flat.flatten()
+            mine = [i for i, group in enumerate(dead) if lo <= group < lo + per_group]
+            if mine:
+                fresh = self.rollout([fresh_rows[i] for i in mine], self.step, salt=attempt)
+                roll = _replace_groups(roll, fresh, [dead[i] - lo for i in mine], G)
+            all_rewards = self.gather_rewards(torch.tensor(roll["rewards"].total, dtype=torch.float32))
             refills += len(dead)
-        return roll, rewards, refills
+        return roll, all_rewards, refills
 
     # ---------------------------------------------------------------------------------------- metrics
-    def _metrics(self, roll, rewards, advantages, stats, completion_mask, truncated, zero_std, logp_diff,
-                 entropy_sum, lr, refills, step_seconds, train_seconds, loads_steps) -> dict:
-        out = roll["out"]
+    def _metrics(self, roll, out, rewards, adv_all, stats, completion_mask, truncated, zero_std, logp_diff,
+                 entropy_sum, lr, refills, step_seconds, train_seconds, loads_steps, in_group) -> dict:
+        """Sums over the data-parallel group of this replica's sequences (`out`, `rewards`: its share)."""
         lengths = out.completion_mask.sum(1).float()
         rr = roll["rewards"]
+        names = list(rr.per_function)
+        per_function = [sum(rr.per_function[k][in_group]) for k in names]  # this replica's share of the rollout
         local = torch.tensor([float(rewards.sum()), float((rewards ** 2).sum()), float(rewards.numel()),
                               float(lengths.sum()), float(truncated.float().sum()), stats.num_tokens,
                               stats.clip_low, stats.clip_high, stats.outside, stats.kl_sum, stats.ratio_sum,
-                              entropy_sum, float(completion_mask.sum())], dtype=torch.float64)
-        tot = all_reduce_sum(local, self.dist.world)
+                              entropy_sum, float(completion_mask.sum()), *per_function], dtype=torch.float64)
+        tot = dp_sum(local, self.dist)
+        peaks = dp_max(torch.tensor([float(lengths.max()), logp_diff], dtype=torch.float64), self.dist)
+        # error / timeout counts are per rollout (model-parallel group), counted by each of its mp ranks
+        failures = world_sum(torch.tensor([float(c) for k in names for c in (rr.errors[k], rr.timeouts[k])],
+                                          dtype=torch.float64), self.dist) / self.dist.mp
         n = tot[2]
         mean = tot[0] / n
         metrics = {
             "step": self.step + 1, "lr": lr, "reward_mean": float(mean),
             "reward_std": float((tot[1] / n - mean ** 2).clamp(min=0).sqrt()),
-            "completion_length_mean": float(tot[3] / n), "completion_length_max": int(lengths.max()),
+            "completion_length_mean": float(tot[3] / n), "completion_length_max": int(peaks[0]),
             "truncation_rate": float(tot[4] / n), "frac_reward_zero_std": zero_std,
             "clip_ratio/low_mean": float(tot[6] / tot[5].clamp(min=1)),
             "clip_ratio/high_mean": float(tot[7] / tot[5].clamp(min=1)),
             "clip_ratio/region_mean": float(tot[8] / tot[5].clamp(min=1)),
             "kl": float(tot[9] / tot[5].clamp(min=1)), "ratio_mean": float(tot[10] / tot[5].clamp(min=1)),
-            "entropy": float(tot[11] / tot[12].clamp(min=1)), "logp_diff_max": logp_diff,
-            "rollout_tokens_per_s": float(lengths.sum()) / roll["seconds"],
-            "train_tokens_per_s": float(tot[5]) / max(train_seconds, 1e-9) / self.dist.world,
+            "entropy": float(tot[11] / tot[12].clamp(min=1)), "logp_diff_max": float(peaks[1]),
+            "rollout_tokens_per_s": float(roll["out"].completion_mask.sum()) / roll["seconds"],
+            "train_tokens_per_s": float(tot[5]) / max(train_seconds, 1e-9) / self.dist.dp,
             "rollout_seconds": roll["seconds"], "train_seconds": train_seconds, "step_seconds": step_seconds,
-            "refilled_groups": refills, "advantage_abs_mean": float(advantages.abs().mean()),
+            "refilled_groups": refills, "advantage_abs_mean": float(adv_all.abs().mean()),
         }
-        for name, scores in rr.per_function.items():
-            metrics[f"rewards/{name}/mean"] = sum(scores) / max(len(scores), 1)
-            metrics[f"rewards/{name}/errors"] = rr.errors[name]
-            metrics[f"rewards/{name}/timeouts"] = rr.timeouts[name]
+        for i, name in enumerate(names):
+            metrics[f"rewards/{name}/mean"] = float(tot[13 + i]) / max(float(n), 1.0)
+            metrics[f"rewards/{name}/errors"] = int(round(float(failures[2 * i])))
+            metrics[f"rewards/{name}/timeouts"] = int(round(float(failures[2 * i + 1])))
         for name in ("accuracy", "accuracy_reward"):
             if f"rewards/{name}/mean" in metrics:
                 metrics["accuracy_train_sampled"] = metrics[f"rewards/{name}/mean"]
@@ -396,13 +450,15 @@ class GRPOTrainer:
     # ---------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Greedy pass@1 and sampled mean@k on held-out rows (the rank's share; averaged over ranks)."""
+        """Greedy pass@1 and sampled mean@k on held-out rows (each model-parallel group generates its share; the
+        sums over all ranks count every group mp times, which the ratio cancels)."""
         from .rewards import accuracy_reward
 
         m = self.cfg.metrics
         rows = self.source.heldout_rows(m.eval_problems)
-        share = len(rows) // self.dist.world
-        rows = rows[self.dist.rank * share:(self.dist.rank + 1) * share] or rows
+        share = len(rows) // self.dist.mp_groups
+        r = self.dist.mp_index
+        rows = rows[r * share:(r + 1) * share] or rows
         prompts = [self.codec.encode(r.prompt) for r in rows]
         answers = [r.fields["answer"] for r in rows]
         g = self.cfg.grpo
@@ -422,7 +478,7 @@ class GRPOTrainer:
                                temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_token_id=self.codec.eos,
                                pad_token_id=self.codec.pad or 0, generator=gen)
             res[2], res[3] = score(sampled, k), float(len(rows) * k)
-        res = all_reduce_sum(res, self.dist.world)
+        res = world_sum(res, self.dist)
         out = {"accuracy": float(res[0] / res[1])}
         if m.eval_samples:
             out[f"accuracy_mean@{m.eval_samples}"] = float(res[2] / res[3])
@@ -466,9 +522,8 @@ class GRPOTrainer:
                     bar.set_postfix(reward=f"{last['reward_mean']:.3f}", len=f"{last['completion_length_mean']:.0f}")
                     bar.update(1)
                 if self.step == cfg.grpo.steps or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
-                    if main:
-                        save_checkpoint(cfg.run_dir, self.step, self.policy, self.optimizer, self.state,
-                                        to_toml(cfg), keep=cfg.checkpoint.keep, model_files=[self.codec.path])
+                    save_checkpoint(cfg.run_dir, self.step, self.policy, self.optimizer, self.state, to_toml(cfg),
+                                    keep=cfg.checkpoint.keep, model_files=[self.codec.path], dist=self.dist)
             summary["after"] = {k: v for k, v in last.items() if k.startswith("accuracy")}
         finally:
             for f in (metrics_f, samples_f):
@@ -477,13 +532,7 @@ class GRPOTrainer:
             if bar is not None:
                 bar.close()
             self.rewards.close()
-        if main:
-            from model import save_model
-            import shutil
-
-            final = os.path.join(cfg.run_dir, "final")
-            save_model(self.policy, final)
-            shutil.copy(self.codec.path, os.path.join(final, "tokenizer.json"))
+        export_final(self.policy, os.path.join(cfg.run_dir, "final"), self.dist, [self.codec.path])
         return summary
 
     def _log_samples(self, f) -> None:
@@ -496,10 +545,14 @@ class GRPOTrainer:
         f.flush()
 
 
+def _rows_of(out: GenerationOutput, rows: slice) -> GenerationOutput:
+    """The sequences `rows` of a rollout (padding widths kept: the loss and log-probs ignore padding)."""
+    return GenerationOutput(out.prompt_ids[rows], out.prompt_mask[rows], out.completion_ids[rows],
+                            out.completion_mask[rows], out.logprobs[rows], out.finished[rows])
+
+
 def _replace_groups(roll, fresh, dead: list[int], G: int) -> dict:
     """Put fresh groups in place of the dead ones (tensors re-padded to a common width)."""
-    from model.generate import GenerationOutput
-
     a, b = roll["out"], fresh["out"]
     rows_a = [i * G + j for i in range(len(dead)) for j in range(G)]
     rows_dead = [d * G + j for d in dead for j in range(G)]
@@ -543,7 +596,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.grpo.threads:
         torch.set_num_threads(cfg.grpo.threads)
-    dist = init_distributed()
+    try:
+        dist = init_distributed(cfg.parallelism.tp, cfg.parallelism.ep,
+                                getattr(cfg.parallelism, "ep_borrows_tp", False))
+    except JobConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         trainer = GRPOTrainer(cfg, dist)
         trainer.maybe_resume()
@@ -555,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        shutdown(dist.world)
+        shutdown(dist)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,18 @@ The directory is assembled under a temp name and renamed into place, so a crash 
 set of checkpoints or the new one, never a half-written step. `latest_valid` verifies the manifest hashes and falls
 back to the previous checkpoint (naming the bad one) when the newest is corrupt; resuming an explicit corrupt path
 is refused.
+
+With tensor or expert parallelism (tp or ep > 1) the parameters are split over ranks and the same directory holds
+    model/                  a sharded checkpoint (model/parallel/checkpoint.py: config.json, shard-*.safetensors
+                            written by the ranks that own each distinct slice, sharded.json), plus tokenizer.json
+    ranks/rank_00000/       optimizer.safetensors + optimizer.json + rng.safetensors of each rank (its optimizer
+                            state covers its own shards), one directory per rank
+    trainer_state.json      with "layout": {world_size, tp, ep, ep_borrows_tp}; job.toml; manifest.json last
+Every rank writes into the temp directory (all ranks must share the filesystem), rank 0 hashes and renames.
+Resume needs the same layout (the optimizer shards are per rank); to change layout start a new run from the
+weights (`--model.init_from RUN/checkpoints/step_N/model`, resharded by load_sharded) or from RUN/final, which is
+always a consolidated single-process checkpoint (`export_final`). Pure data parallelism (tp = ep = 1) keeps the
+single-process format (rank 0 writes it; the replicas are identical) and resumes under any number of processes.
 """
 
 from __future__ import annotations
@@ -28,14 +40,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import load_model
+from model import load_model, save_model
 from model.checkpoint import write_model
+from model.parallel import consolidate, load_sharded, save_sharded
+
+from .distributed import DistInfo, barrier, broadcast_object
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointCorrupt(RuntimeError):
     pass
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint is intact but was saved under a layout this run cannot resume from."""
 
 
 def _sha256(path: str) -> str:
@@ -81,9 +100,85 @@ def _optimizer_from_files(optimizer: torch.optim.Optimizer, path: str) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _layout_record(dist: DistInfo) -> dict:
+    d = dist.layout.dims
+    return {"world_size": d.world_size, "tp": d.tp, "ep": d.ep, "ep_borrows_tp": d.ep_borrows_tp}
+
+
+def _rank_dir(path: str, rank: int) -> str:
+    return os.path.join(path, "ranks", f"rank_{rank:05d}")
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict, job_toml: str,
-                    keep: int = 3, model_files: list[str] | None = None) -> str:
-    """Write checkpoint `step` atomically; prune to the `keep` newest. Returns its path."""
+                    keep: int = 3, model_files: list[str] | None = None, dist: DistInfo | None = None) -> str:
+    """Write checkpoint `step` atomically; prune to the `keep` newest. Returns its path.
+
+    Collective when `dist` spans several processes: every rank calls it (sharded layouts write per-rank files;
+    otherwise rank 0 writes the single-process format while the others wait)."""
+    if dist is not None and dist.world > 1:
+        if dist.sharded:
+            return _save_sharded_checkpoint(run_dir, step, model, optimizer, trainer_state, job_toml, keep,
+                                            model_files, dist)
+        final = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
+        if dist.is_main:
+            _save_single(run_dir, step, model, optimizer, trainer_state, job_toml, keep, model_files)
+        barrier(dist)
+        return final
+    return _save_single(run_dir, step, model, optimizer, trainer_state, job_toml, keep, model_files)
+
+
+def _finish(tmp: str, final: str, step: int) -> None:
+    """Hash every file, write manifest.json last, fsync, rename into place."""
+    manifest = {name: _sha256(os.path.join(tmp, name)) for name in _files(tmp)}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump({"step": step, "files": manifest}, f, indent=2)
+    for fd_path in [os.path.join(tmp, n) for n in manifest] + [os.path.join(tmp, "manifest.json")]:
+        with open(fd_path, "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def _save_sharded_checkpoint(run_dir, step, model, optimizer, trainer_state, job_toml, keep, model_files,
+                             dist: DistInfo) -> str:
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = os.path.join(root, f".tmp-step_{step:08d}-sharded")  # one name all ranks know
+    if dist.is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "ranks"))
+    barrier(dist)
+    try:
+        save_sharded(model, os.path.join(tmp, "model"), dist.layout)  # collective; ends with a barrier
+        mine = _rank_dir(tmp, dist.rank)
+        os.makedirs(mine)
+        _optimizer_to_files(optimizer, mine)
+        save_file({"torch": torch.get_rng_state()}, os.path.join(mine, "rng.safetensors"))
+        barrier(dist)
+        if dist.is_main:
+            for extra in model_files or []:
+                shutil.copy(extra, os.path.join(tmp, "model", os.path.basename(extra)))
+            state = dict(trainer_state, step=step, numpy_rng=_np_state(), python_rng=_py_state(),
+                         layout=_layout_record(dist))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f, indent=2)
+            with open(os.path.join(tmp, "job.toml"), "w") as f:
+                f.write(job_toml)
+            _finish(tmp, final, step)
+            for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(dist)
+    return final
+
+
+def _save_single(run_dir: str, step: int, model, optimizer, trainer_state: dict, job_toml: str,
+                 keep: int = 3, model_files: list[str] | None = None) -> str:
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:08d}")
@@ -100,15 +195,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: di
             json.dump(state, f, indent=2)
         with open(os.path.join(tmp, "job.toml"), "w") as f:
             f.write(job_toml)
-        manifest = {name: _sha256(os.path.join(tmp, name)) for name in _files(tmp)}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump({"step": step, "files": manifest}, f, indent=2)
-        for fd_path in [os.path.join(tmp, n) for n in manifest] + [os.path.join(tmp, "manifest.json")]:
-            with open(fd_path, "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _finish(tmp, final, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -166,6 +253,84 @@ def load_checkpoint(path: str, optimizer) -> tuple[object, dict]:
     np.random.set_state(_np_unpack(state.pop("numpy_rng")))
     random.setstate(_py_unpack(state.pop("python_rng")))
     return model, opt, state
+
+
+def resolve_resume(resume: str, run_dir: str, dist: DistInfo, log=print) -> str | None:
+    """The checkpoint to resume: `resume` itself, or for "auto" the newest valid one in run_dir (None: none yet;
+    CheckpointCorrupt: there are checkpoints but every one is corrupt). Rank 0 decides; collective."""
+    if not resume:
+        return None
+    if resume != "auto":
+        return resume
+    answer = None
+    if dist.is_main:
+        path = latest_valid(run_dir, log=log)
+        answer = ("ok", path) if path is not None or not list_checkpoints(run_dir) else \
+            ("corrupt", f"{run_dir}: every checkpoint is corrupt; nothing to resume from")
+    kind, value = broadcast_object(answer, dist)
+    if kind == "corrupt":
+        raise CheckpointCorrupt(value)
+    return value
+
+
+def restore_checkpoint(path: str, model, optimizer, dist: DistInfo | None = None) -> dict:
+    """Load checkpoint `path` into an existing (possibly parallelised) model and its optimizer, and restore the RNGs;
+    returns the trainer state (with "step"). Collective: rank 0 verifies the hashes and every rank learns the verdict.
+
+    Raises CheckpointCorrupt (partial or hash mismatch) or CheckpointMismatch (saved under another layout)."""
+    dist = dist or DistInfo()
+    error = None
+    if dist.is_main:
+        try:
+            verify(path)
+        except CheckpointCorrupt as e:
+            error = str(e)
+    error = broadcast_object(error, dist)
+    if error:
+        raise CheckpointCorrupt(error)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    saved = state.pop("layout", None)
+    here = _layout_record(dist)
+    sharded = os.path.isdir(os.path.join(path, "ranks"))
+    if sharded and saved != here:
+        raise CheckpointMismatch(
+            f"{path} was saved under layout {saved}; this run is {here}. Optimizer state is sharded per rank, so "
+            f"resume with the same torchrun size and --parallelism; to continue under another layout start a new "
+            f"run from its weights with --model.init_from {os.path.join(path, 'model')} (resharded on load)")
+    if not sharded and dist.sharded:
+        raise CheckpointMismatch(
+            f"{path} is a single-process (data-parallel) checkpoint; its optimizer state cannot be split over "
+            f"tp={dist.tp} ep={dist.ep}. Resume with --parallelism.tp 1 --parallelism.ep 1, or start a new run from "
+            f"its weights with --model.init_from {os.path.join(path, 'model')}")
+    load_sharded(model, os.path.join(path, "model"))  # either format, resharded to this rank's slices
+    where = _rank_dir(path, dist.rank) if sharded else path
+    _optimizer_from_files(optimizer, where)
+    torch.set_rng_state(load_file(os.path.join(where, "rng.safetensors"))["torch"])
+    np.random.set_state(_np_unpack(state.pop("numpy_rng")))
+    random.setstate(_py_unpack(state.pop("python_rng")))
+    return state
+
+
+def export_final(model, final: str, dist: DistInfo | None = None, model_files: list[str] | None = None) -> None:
+    """Write `final` as a consolidated single-process checkpoint (model.load_model, tools.generate, rl.grpo,
+    tools.export_hf open it) with `model_files` (e.g. tokenizer.json) beside it. Collective under torchrun: a
+    sharded model is saved with save_sharded next to `final`, consolidated by rank 0, and the shards removed."""
+    dist = dist or DistInfo()
+    final = os.path.abspath(final)
+    if dist.sharded:
+        shards = final + ".shards"
+        save_sharded(model, shards, dist.layout)
+        if dist.is_main:
+            consolidate(shards, final)
+            shutil.rmtree(shards, ignore_errors=True)
+    elif dist.is_main:
+        save_model(model, final)
+    if dist.is_main:
+        for extra in model_files or []:
+            if extra and os.path.isfile(extra):
+                shutil.copy(extra, os.path.join(final, os.path.basename(extra)))
+    barrier(dist)
 
 
 def _np_state():

@@ -58,6 +58,7 @@ class MetricsConfig:
 class ParallelismConfig:
     tp: int = 1  # tensor-parallel degree
     ep: int = 1  # expert-parallel degree (borrowed from the data-parallel ranks)
+    ep_borrows_tp: bool = False  # let the EP group span TP ranks too (experts split over TP as well)
 
 
 TOP_LEVEL = ("run_dir", "seed", "resume")

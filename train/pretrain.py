@@ -1,5 +1,8 @@
 """Pretraining: `python -m train.pretrain [--config configs/x.toml] [--section.key=value ...]`, or under
-`torchrun --nproc_per_node=N -m train.pretrain ...` for data parallelism (gloo on CPU, nccl on GPU).
+`torchrun --nproc_per_node=N -m train.pretrain [--parallelism.tp T] [--parallelism.ep E] ...` for data, tensor and
+expert parallelism (gloo on CPU, nccl on GPU): dp = N / T replicas, each reading its own `micro_batch` rows of the
+global batch (the T ranks of a replica read the same rows); E must divide dp. Sharded runs checkpoint per rank and
+export RUN_DIR/final consolidated (train/checkpoint.py).
 
 With no arguments it trains the small built-in model on the built-in procedurally generated corpus of arithmetic
 reasoning traces (`<think>...</think><answer>...</answer>`), evaluates greedy answer accuracy on held-out problems,
@@ -10,19 +13,20 @@ trains on shards written by `python -m train.data prepare`.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from model import ModelConfig, Transformer, load_model, preset
+from model import ModelConfig, Transformer, preset
+from model.parallel import ParallelConfigError, load_parallel, parallelize
 
+from .checkpoint import export_final as export_final_model
 from .config import (CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig,
                      load_job_config, to_toml)
 from .data import DataError, PackedDataset, load_split
-from .distributed import init_distributed, shutdown
+from .distributed import DistInfo, init_distributed, shutdown
 from .trainer import Trainer, TrainingStopped
 
 
@@ -50,7 +54,7 @@ class DataSection:
 @dataclass
 class TrainingSection:
     steps: int = 300
-    micro_batch: int = 16  # sequences per rank per micro-step
+    micro_batch: int = 16  # sequences per data-parallel replica per micro-step
     grad_accum: int = 1
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False  # torch.compile the model
@@ -82,15 +86,36 @@ class PretrainConfig:
             raise JobConfigError(f"`training.dtype` is {t.dtype!r}; use fp32 or bf16")
         if self.optimizer.schedule not in ("cosine", "wsd", "constant"):
             raise JobConfigError(f"`optimizer.schedule` is {self.optimizer.schedule!r}; use cosine, wsd or constant")
-        if self.parallelism.tp != 1 or self.parallelism.ep != 1:
-            raise JobConfigError("`parallelism.tp`/`parallelism.ep` > 1 are not wired into the trainer yet; "
-                                 "use data parallelism (torchrun with tp=ep=1)")
+        validate_parallelism(self.parallelism)
 
 
-def build_model(cfg: PretrainConfig, vocab_size: int | None) -> Transformer:
+def validate_parallelism(p: ParallelismConfig) -> None:
+    """Degrees must be positive; whether they fit the world size and the model is checked at launch."""
+    for key in ("tp", "ep"):
+        if getattr(p, key) < 1:
+            raise JobConfigError(f"`parallelism.{key}` must be >= 1, got {getattr(p, key)}; the data-parallel "
+                                 f"degree is not set but derived: dp = processes / tp")
+
+
+def parallel_model(build, dist: DistInfo) -> Transformer:
+    """`build()` a model and shard it for the run's layout; a model that does not split is a JobConfigError."""
+    try:
+        return build()
+    except ParallelConfigError as e:
+        raise JobConfigError(f"--parallelism.tp {dist.tp} --parallelism.ep {dist.ep}: {e}") from None
+
+
+def load_for_layout(path: str, dist: DistInfo) -> Transformer:
+    """This rank's shards of checkpoint `path` (single-process or sharded, from any layout), on the run's device."""
+    return parallel_model(lambda: load_parallel(path, dist.layout), dist).to(dist.device)
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int | None, dist: DistInfo | None = None) -> Transformer:
+    """The model to train, already parallelised for `dist.layout` (single process: unchanged)."""
     m = cfg.model
+    dist = dist or DistInfo()
     if m.init_from:
-        model = load_model(m.init_from)
+        model = load_for_layout(m.init_from, dist)
         config = model.config
     else:
         base = ModelConfig.from_json(m.config).to_dict() if m.config else preset(m.preset).to_dict()
@@ -100,9 +125,10 @@ def build_model(cfg: PretrainConfig, vocab_size: int | None) -> Transformer:
             base["num_nextn_predict_layers"] = m.num_nextn_predict_layers
         base.update(mtp_loss_lambda=m.mtp_loss_lambda, aux_loss_alpha=m.aux_loss_alpha,
                     bias_update_speed=m.bias_update_speed)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # every rank builds the same full model, then keeps its shards
         model = Transformer(ModelConfig.from_dict(base, source="[model]"))
         config = model.config
+        model = parallel_model(lambda: parallelize(model, dist.layout), dist).to(dist.device)
     config.mtp_loss_lambda, config.aux_loss_alpha = m.mtp_loss_lambda, m.aux_loss_alpha
     config.bias_update_speed = m.bias_update_speed
     if vocab_size is not None and vocab_size > config.vocab_size:
@@ -126,14 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
-    dist = init_distributed()
+    try:
+        dist = init_distributed(cfg.parallelism.tp, cfg.parallelism.ep,
+                                getattr(cfg.parallelism, "ep_borrows_tp", False))
+    except JobConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         return run(cfg, dist)
     except (JobConfigError, DataError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        shutdown(dist.world)
+        shutdown(dist)
 
 
 def run(cfg: PretrainConfig, dist) -> int:
@@ -143,23 +174,22 @@ def run(cfg: PretrainConfig, dist) -> int:
 
         corpus = BuiltinCorpus(seed=cfg.seed, num_problems=cfg.data.num_problems,
                                flawed_fraction=cfg.data.flawed_fraction)
-        model = build_model(cfg, corpus.vocab_size)
+        model = build_model(cfg, corpus.vocab_size, dist)
         train_tokens, val_tokens = corpus.train_tokens(), corpus.val_tokens()
         tokenizer_file = corpus.tokenizer_path
         on_eval = corpus.accuracy_hook(cfg.data.eval_problems)
     else:
         manifest_vocab = None
-        model = build_model(cfg, manifest_vocab)
+        model = build_model(cfg, manifest_vocab, dist)
         train_tokens = load_split(cfg.data.source, "train", model.config.vocab_size)
         val_tokens = load_split(cfg.data.source, "val", model.config.vocab_size)
         tokenizer_file = os.path.join(cfg.data.source, "tokenizer.json")
-    model.to(dist.device)
     train_set = PackedDataset(train_tokens, cfg.data.seq_len, cfg.seed)
     val_set = PackedDataset(val_tokens, cfg.data.seq_len, cfg.seed + 1)
     t = cfg.training
 
     def eval_batches(i: int) -> dict:
-        windows = torch.from_numpy(val_set.batch(0, i, dist.rank, dist.world, t.micro_batch,
+        windows = torch.from_numpy(val_set.batch(0, i, dist.dp_rank, dist.dp, t.micro_batch,
                                                  cfg.metrics.eval_batches))
         return {"input_ids": windows, "labels": windows}
 
@@ -172,25 +202,22 @@ def run(cfg: PretrainConfig, dist) -> int:
     trainer.maybe_resume(cfg.resume)
     if dist.is_main:
         n = sum(p.numel() for p in model.parameters())
-        trainer.log(f"model: {n / 1e6:.2f}M parameters; {len(train_tokens)} train tokens, {len(val_tokens)} held-out; "
-                    f"global batch {t.micro_batch * t.grad_accum * dist.world} x {cfg.data.seq_len}; "
-                    f"world {dist.world}; run dir {cfg.run_dir}")
+        trainer.log(f"model: {n / 1e6:.2f}M parameters{' on rank 0' if dist.sharded else ''}; {len(train_tokens)} "
+                    f"train tokens, {len(val_tokens)} held-out; global batch {t.micro_batch * t.grad_accum * dist.dp} "
+                    f"x {cfg.data.seq_len}; {dist.describe()}; run dir {cfg.run_dir}")
     final = trainer.run()
+    export_final(cfg, model, tokenizer_file, dist)
     if dist.is_main:
-        export_final(cfg, model, tokenizer_file)
         summary = {k: v for k, v in final.items() if isinstance(v, (int, float))}
         trainer.log("final: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
     return 0
 
 
-def export_final(cfg: PretrainConfig, model: Transformer, tokenizer_file: str | None) -> None:
-    """Write RUN_DIR/final: the last model with its tokenizer, what the GRPO stage starts from."""
-    from model import save_model
-
-    final = os.path.join(cfg.run_dir, "final")
-    save_model(model, final)
-    if tokenizer_file and os.path.isfile(tokenizer_file):
-        shutil.copy(tokenizer_file, os.path.join(final, "tokenizer.json"))
+def export_final(cfg: PretrainConfig, model: Transformer, tokenizer_file: str | None,
+                 dist: DistInfo | None = None) -> None:
+    """Write RUN_DIR/final: the last model (consolidated to one single-process checkpoint when sharded) with its
+    tokenizer, what the GRPO stage starts from. Collective under torchrun."""
+    export_final_model(model, os.path.join(cfg.run_dir, "final"), dist, [tokenizer_file] if tokenizer_file else [])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ token. Labels are -100 on prompt and padding tokens. `--data.packing true` conca
 windows (attention then crosses example boundaries, as in most packed SFT); the default pads each example to
 `seq_len` on the right (causal attention never looks at the padding, so no mask is needed).
 
-It is the same loop as pretraining (train/trainer.py): checkpoints, exact resume, metrics, torchrun.
+It is the same loop as pretraining (train/trainer.py): checkpoints, exact resume, metrics, and torchrun with
+`--parallelism.tp/ep` (the checkpoint, single-process or sharded, is resharded for the layout on load; `micro_batch`
+counts sequences per data-parallel replica; RUN_DIR/final is consolidated).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import load_model
 
 from .config import (CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig,
                      load_job_config)
+from .checkpoint import export_final
 from .data import DataError, EpochPermutation, eos_id, global_indices
 from .distributed import init_distributed, shutdown
+from .pretrain import load_for_layout, validate_parallelism
 from .trainer import Trainer, TrainingStopped
 
 TEMPLATES = {
@@ -59,7 +62,7 @@ class SFTData:
 @dataclass
 class SFTTraining:
     steps: int = 100
-    micro_batch: int = 8
+    micro_batch: int = 8  # sequences per data-parallel replica per micro-step
     grad_accum: int = 1
     dtype: str = "fp32"
     compile: bool = False
@@ -88,6 +91,7 @@ class SFTConfig:
         if self.data.template not in TEMPLATES and "{prompt}" not in self.data.template:
             raise JobConfigError(f"`data.template` is {self.data.template!r}; use {', '.join(TEMPLATES)} or a "
                                  f"string containing {{prompt}}")
+        validate_parallelism(self.parallelism)
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
@@ -174,14 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
-    dist = init_distributed()
+    try:
+        dist = init_distributed(cfg.parallelism.tp, cfg.parallelism.ep,
+                                getattr(cfg.parallelism, "ep_borrows_tp", False))
+    except JobConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         return run(cfg, dist)
     except (JobConfigError, DataError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        shutdown(dist.world)
+        shutdown(dist)
 
 
 def run(cfg: SFTConfig, dist) -> int:
@@ -191,7 +200,7 @@ def run(cfg: SFTConfig, dist) -> int:
     if not os.path.isfile(tok_path):
         raise DataError(f"{tok_path}: SFT needs the checkpoint's tokenizer.json")
     tokenizer = Tokenizer.from_file(tok_path)
-    model = load_model(cfg.model.init_from).to(dist.device)
+    model = load_for_layout(cfg.model.init_from, dist)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise DataError(f"{tok_path}: {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                         f"{model.config.vocab_size}")
@@ -205,26 +214,21 @@ def run(cfg: SFTConfig, dist) -> int:
     train_set, val_set = make(train_pairs, cfg.seed), make(val_pairs, cfg.seed + 1)
     t = cfg.training
 
-    def batches(step, micro, rank, world):
-        return train_set.batch(step, micro, rank, world, t.micro_batch, t.grad_accum)
+    def batches(step, micro, dp_rank, dp):
+        return train_set.batch(step, micro, dp_rank, dp, t.micro_batch, t.grad_accum)
 
     def eval_batches(i):
-        return val_set.batch(0, i, dist.rank, dist.world, t.micro_batch, cfg.metrics.eval_batches)
+        return val_set.batch(0, i, dist.dp_rank, dist.dp, t.micro_batch, cfg.metrics.eval_batches)
 
     trainer = Trainer(job=cfg, model=model, batches=batches, eval_batches=eval_batches, steps=t.steps,
                       grad_accum=t.grad_accum, optimizer_cfg=cfg.optimizer, checkpoint_cfg=cfg.checkpoint,
                       metrics_cfg=cfg.metrics, dist=dist, dtype=t.dtype, compile=t.compile,
                       max_skipped_steps=t.max_skipped_steps, model_files=[tok_path])
     trainer.maybe_resume(cfg.resume)
-    trainer.log(f"sft: {len(train_pairs)} train / {len(val_pairs)} held-out examples from {cfg.data.path}")
+    trainer.log(f"sft: {len(train_pairs)} train / {len(val_pairs)} held-out examples from {cfg.data.path}; "
+                f"{dist.describe()}")
     trainer.run()
-    if dist.is_main:
-        from model import save_model
-        import shutil
-
-        final = os.path.join(cfg.run_dir, "final")
-        save_model(model, final)
-        shutil.copy(tok_path, os.path.join(final, "tokenizer.json"))
+    export_final(model, os.path.join(cfg.run_dir, "final"), dist, [tok_path])
     return 0
 
 

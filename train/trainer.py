@@ -1,12 +1,19 @@
-"""The training loop shared by pretraining and SFT (one process, or data parallel under torchrun).
+"""The training loop shared by pretraining and SFT (one process, or data/tensor/expert parallel under torchrun).
 
 Per optimizer step: lr from the schedule -> `grad_accum` micro-batches (loss / grad_accum, backward) -> gradient
-average over ranks -> skip the step if the loss or gradient is non-finite -> clip -> AdamW -> aux-loss-free bias
-update from the step's expert loads (summed over ranks) -> metrics line -> held-out eval / checkpoint when due.
+sync (model/parallel `sync_gradients`: the mean over data-parallel replicas, plus the TP / EP partial sums) -> skip
+the step if the loss or gradient is non-finite -> clip (the norm of the full, unsharded gradient) -> AdamW ->
+aux-loss-free bias update from the step's expert loads (summed over the data-parallel group) -> metrics line ->
+held-out eval / checkpoint when due.
 
-Batches come from a `batches(step, micro, rank, world) -> dict(input_ids, labels)` callable whose answer is a pure
+Batches come from a `batches(step, micro, dp_rank, dp) -> dict(input_ids, labels)` callable whose answer is a pure
 function of its arguments, which is what makes resume exact: a checkpoint stores the step, model, optimizer and RNG,
-and the data position is the step itself.
+and the data position is the step itself. It is called with the data-parallel rank and size (train/distributed.py),
+so the TP ranks of one replica train on the same rows and the global batch does not depend on the layout.
+
+Metrics are reduced over the data-parallel group (loss: mean over replicas; tokens: sum), tokens_per_s counts the
+whole job, and under torchrun `comm/all_reduce_bytes` / `comm/all_to_all_bytes` give the payload each rank handed to
+those collectives during the step (mean over ranks; model/parallel's comm_stats, as tools.plan predicts them).
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import torch
 from model import Transformer
 from model.balance import update_expert_bias
 from model.flops import measure_matmul_peak, training_flops_per_token
+from model.parallel import clip_grad_norm_, comm_stats, sync_gradients
 
-from .checkpoint import CheckpointCorrupt, latest_valid, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointCorrupt, CheckpointMismatch, resolve_resume, restore_checkpoint, save_checkpoint
 from .config import CheckpointConfig, MetricsConfig, OptimizerConfig, to_toml
-from .distributed import DistInfo, all_reduce_mean_grads, all_reduce_sum, barrier
+from .distributed import DistInfo, dp_sum, world_sum
 from .optim import build_optimizer, lr_at, set_lr
 
 BatchFn = Callable[[int, int, int, int], dict]
@@ -60,23 +68,20 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- resume
     def maybe_resume(self, resume: str) -> None:
+        """Collective under torchrun: every rank loads its shards (and its optimizer state) of the same checkpoint."""
         if not resume:
             return
-        if resume == "auto":
-            path = latest_valid(self.run_dir, log=self.log)
-            if path is None:
-                if list_checkpoints(self.run_dir):
-                    raise TrainingStopped(f"{self.run_dir}: every checkpoint is corrupt; nothing to resume from")
-                self.log(f"resume=auto: no checkpoint in {self.run_dir}, starting fresh")
-                return
-        else:
-            path = resume
         try:
-            model, optimizer, state = load_checkpoint(path, lambda m: build_optimizer(m, self.opt_cfg))
+            path = resolve_resume(resume, self.run_dir, self.dist, log=self.log)
         except CheckpointCorrupt as e:
+            raise TrainingStopped(str(e)) from None
+        if path is None:
+            self.log(f"resume=auto: no checkpoint in {self.run_dir}, starting fresh")
+            return
+        try:
+            state = restore_checkpoint(path, self.model, self.optimizer, self.dist)
+        except (CheckpointCorrupt, CheckpointMismatch) as e:
             raise TrainingStopped(f"cannot resume: {e}") from None
-        self.model.load_state_dict(model.state_dict())
-        self.optimizer.load_state_dict(optimizer.state_dict())
         self.step = state.pop("step")
         self.state.update(state)
         self._truncate_metrics(self.step)
@@ -134,7 +139,7 @@ class Trainer:
 
     def _out_of_time(self, started: float) -> bool:
         elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
-        return float(all_reduce_sum(elapsed, self.dist.world)) / self.dist.world >= self.max_seconds  # ranks agree
+        return float(world_sum(elapsed, self.dist)) / self.dist.world >= self.max_seconds  # ranks agree
 
     def _due(self, every: int) -> bool:
         return self.step == self.steps or (every > 0 and self.step % every == 0)
@@ -155,6 +160,8 @@ class Trainer:
 
     def _train_step(self, params, peak: float) -> dict:
         t0 = time.perf_counter()
+        comm_stats.reset()
+        layout = self.dist.layout
         lr = lr_at(self.step, self.steps, self.opt_cfg)
         set_lr(self.optimizer, lr)
         self.model.train()
@@ -162,7 +169,7 @@ class Trainer:
         mtp: list[float] = []
         tokens = 0
         for micro in range(self.grad_accum):
-            batch = self.batches(self.step, micro, self.dist.rank, self.dist.world)
+            batch = self.batches(self.step, micro, self.dist.dp_rank, self.dist.dp)
             input_ids = batch["input_ids"].to(self.dist.device)
             labels = batch["labels"].to(self.dist.device)
             with self._autocast():
@@ -177,19 +184,19 @@ class Trainer:
                     mtp.append(0.0)
                 mtp[k] += v.item() / self.grad_accum
             tokens += int((labels[:, 1:] != -100).sum())
-        all_reduce_mean_grads(params, self.dist.world)
+        sync_gradients(self.model, layout)
         reduced = torch.tensor([totals["loss"], totals["ce_loss"], totals["balance_loss"], *mtp, float(tokens)],
                                dtype=torch.float64)
-        all_reduce_sum(reduced, self.dist.world)
+        dp_sum(reduced, self.dist)  # each replica once: the TP ranks of a replica hold the same values
         loss, ce, bal, *mtp_red, tokens_all = (reduced / torch.tensor(
-            [self.dist.world] * (len(reduced) - 1) + [1], dtype=torch.float64)).tolist()
+            [self.dist.dp] * (len(reduced) - 1) + [1], dtype=torch.float64)).tolist()
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.opt_cfg.grad_clip if self.opt_cfg.grad_clip > 0
-                                                   else float("inf"))
+        grad_norm = clip_grad_norm_(self.model, layout, self.opt_cfg.grad_clip if self.opt_cfg.grad_clip > 0
+                                    else float("inf"))
         metrics = {"loss": loss, "ce_loss": ce, "lr": lr, "grad_norm": float(grad_norm)}
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
-            update_expert_bias(self.model, 0.0)  # drop this step's loads
+            update_expert_bias(self.model, 0.0, reduce_fn=None)  # drop this step's loads (every rank does)
             self.state["skipped_steps"] += 1
             self.log(f"warning: step {self.step + 1}: non-finite loss/grad ({loss}, {float(grad_norm)}); "
                      f"step skipped ({self.state['skipped_steps']}/{self.max_skipped})")
@@ -201,7 +208,8 @@ class Trainer:
             return metrics
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = update_expert_bias(self.model, self.gamma)
+        loads = update_expert_bias(self.model, self.gamma, reduce_fn=layout.reduce_expert_load)
+        comm = comm_stats.snapshot()
         self.state["tokens_seen"] += int(tokens_all)
         seconds = time.perf_counter() - t0
         tps = tokens_all / seconds
@@ -211,6 +219,8 @@ class Trainer:
         seq_len = batch["input_ids"].shape[1]
         flops = training_flops_per_token(self.model.config, seq_len) * tps
         metrics["mfu"] = flops / (peak * self.dist.world) if math.isfinite(peak) else None
+        if self.dist.world > 1:
+            metrics.update(comm_metrics(comm, self.dist))
         if loads is not None:
             metrics["expert_load_max_over_mean"] = [round(float(x), 4) for x in loads.max(1).values /
                                                     loads.mean(1).clamp(min=1e-9)]
@@ -225,7 +235,7 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for i in range(self.metrics_cfg.eval_batches):
-            batch = self.eval_batches(i)
+            batch = self.eval_batches(i)  # the caller indexes them by data-parallel rank
             with self._autocast():
                 out = self.forward(batch["input_ids"].to(self.dist.device))
             labels = batch["labels"].to(self.dist.device)
@@ -236,7 +246,7 @@ class Trainer:
                                                     reduction="none").view_as(targets)
             total += float((nll * valid).sum())
             count += int(valid.sum())
-        agg = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist.world)
+        agg = dp_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
         result = {"val_loss": float(agg[0] / agg[1].clamp(min=1))}
         if self.on_eval is not None:
             result.update(self.on_eval(self.model, self.step))
@@ -247,7 +257,15 @@ class Trainer:
         return result
 
     def save(self) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state, to_toml(self.job),
-                            keep=self.ckpt_cfg.keep, model_files=self.model_files)
-        barrier(self.dist.world)
+        """Collective: sharded layouts write every rank's shard and optimizer state (train/checkpoint.py)."""
+        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state, to_toml(self.job),
+                        keep=self.ckpt_cfg.keep, model_files=self.model_files, dist=self.dist)
+
+
+def comm_metrics(snapshot: dict, dist: DistInfo) -> dict:
+    """comm/all_reduce_bytes and comm/all_to_all_bytes of one step: payload per rank, mean over all ranks (the
+    all-to-all payload differs per rank with the routing)."""
+    kinds = ("all_reduce", "all_to_all")
+    t = torch.tensor([float(snapshot.get(k, {}).get("bytes", 0)) for k in kinds], dtype=torch.float64)
+    world_sum(t, dist)
+    return {f"comm/{k}_bytes": float(v) / dist.world for k, v in zip(kinds, t.tolist())}

@@ -9,9 +9,10 @@ Trainer-facing API:
     sync_gradients(model, layout); clip_grad_norm_(model, layout, 1.0); opt.step()
     update_expert_bias(model, gamma, reduce_fn=layout.reduce_expert_load)
     save_sharded(model, path, layout) / load_sharded(model, path) / consolidate(path, out)
+    model = load_parallel(path, layout)             # this rank's shards of any checkpoint, never the full model
 """
 
-from .checkpoint import consolidate, load_sharded, save_sharded
+from .checkpoint import consolidate, load_parallel, load_sharded, save_sharded
 from .collectives import comm_stats
 from .data_parallel import clip_grad_norm_, gather_full, grad_norm, sync_gradients
 from .expert_parallel import AllToAllDispatcher
@@ -21,4 +22,5 @@ from .plan import ParallelPlan, ShardSpec
 
 __all__ = ["AllToAllDispatcher", "Layout", "ParallelConfigError", "ParallelDims", "ParallelPlan", "ShardSpec",
            "build_layout", "clip_grad_norm_", "comm_stats", "consolidate", "gather_full", "grad_norm",
-           "init_distributed", "load_sharded", "parallelize", "save_sharded", "sync_gradients"]
+           "init_distributed", "load_parallel", "load_sharded", "parallelize", "save_sharded",
+           "sync_gradients"]

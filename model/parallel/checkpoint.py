@@ -9,7 +9,9 @@ Layout on disk (safetensors + JSON, no pickle):
                                                                  "pieces": [{"file", "dim", "start", "stop"}]}}}
 A piece is the slice [start, stop) of dimension `dim` of the global tensor. Loading computes, for every tensor,
 the slice this rank holds under *its* plan and copies the intersection of that box with each piece (safetensors
-reads only the requested box): one resharding path for every (saved layout, loaded layout) pair.
+reads only the requested box): one resharding path for every (saved layout, loaded layout) pair. A single-process
+checkpoint (model/checkpoint.py) reads through the same path as one piece per tensor, so `load_sharded` (and
+`load_parallel`, which builds this rank's shards on "meta" first and never holds the full model) accepts both.
 
 The directory is written under `<path>.partial` and renamed by rank 0, so an interrupted save leaves any previous
 checkpoint in place. All ranks must see the same filesystem.
@@ -27,10 +29,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, replace_dir, save_model
+from ..checkpoint import CheckpointError, checkpoint_files, replace_dir, save_model
 from ..config import ModelConfig
 from ..transformer import Transformer
 from .layout import Layout
+from .parallelize import parallelize
 from .plan import ParallelPlan, plan_of
 
 MANIFEST_NAME = "sharded.json"
@@ -89,11 +92,24 @@ def save_sharded(model: Transformer, path: str | os.PathLike, layout: Layout | N
     _barrier(layout)
 
 
+def _single_process_manifest(path: str) -> dict:
+    """The manifest of a single-process checkpoint: every tensor one piece covering it whole."""
+    tensors = {}
+    for name, file in checkpoint_files(path).items():
+        with safe_open(os.path.join(path, file), "pt") as f:
+            shape = list(f.get_slice(name).get_shape())
+        tensors[name] = {"shape": shape, "pieces": [{"file": file, "dim": 0, "start": 0,
+                                                     "stop": shape[0] if shape else 1}]}
+    return {"format": FORMAT, "layout": {"world_size": 1, "tp": 1, "ep": 1}, "tensors": tensors}
+
+
 def _read_manifest(path: str) -> dict:
     file = os.path.join(path, MANIFEST_NAME)
     if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: no {MANIFEST_NAME}; not a sharded seekstack checkpoint "
-                              f"(a single-process one loads with model.load_model)")
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+            return _single_process_manifest(path)  # raises CheckpointError if it is not one either
+        raise CheckpointError(f"{path}: no {MANIFEST_NAME} and no single-process checkpoint; not a seekstack "
+                              f"checkpoint directory")
     with open(file) as f:
         manifest = json.load(f)
     if manifest.get("format") != FORMAT:
@@ -103,7 +119,8 @@ def _read_manifest(path: str) -> dict:
 
 @torch.no_grad()
 def load_sharded(model: Transformer, path: str | os.PathLike) -> None:
-    """Fill `model` (parallelised or not) in place from a sharded checkpoint saved under any layout."""
+    """Fill `model` (parallelised or not) in place from a sharded checkpoint saved under any layout, or from a
+    single-process checkpoint."""
     path = os.fspath(path)
     manifest = _read_manifest(path)
     plan = plan_of(model)
@@ -153,17 +170,38 @@ def _read_box(open_file, name: str, entry: dict, plan: ParallelPlan, local_shape
     return out
 
 
+def _materialize(model: Transformer, device: torch.device | str = "cpu") -> Transformer:
+    """Allocate a model built on "meta" (values undefined until loaded); recompute what checkpoints do not hold."""
+    model = model.to_empty(device=device)
+    model.rotary.reset_parameters()
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    for moe in model.moe_layers():
+        moe.gate.tokens_per_expert.zero_()
+    return model
+
+
+def load_parallel(path: str | os.PathLike, layout: Layout, device: torch.device | str = "cpu") -> Transformer:
+    """This rank's shards of the checkpoint at `path` (sharded under any layout, or single-process), parallelised
+    for `layout`: built on "meta", sharded, then filled by `load_sharded`, so the full model is never allocated.
+    Raises ParallelConfigError if the model does not split over `layout`."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    config = ModelConfig.from_json(os.path.join(path, "config.json"))
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = _materialize(parallelize(model, layout), device)
+    load_sharded(model, path)
+    return model
+
+
 def consolidate(path: str | os.PathLike, out_path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Rewrite a sharded checkpoint as a single-process one (model.checkpoint.load_model reads it)."""
     path = os.fspath(path)
     config = ModelConfig.from_json(os.path.join(path, "config.json"))
     with torch.device("meta"):
         model = Transformer(config)
-    model = model.to_empty(device="cpu")
-    model.rotary.reset_parameters()
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    for moe in model.moe_layers():
-        moe.gate.tokens_per_expert.zero_()
+    model = _materialize(model)
     load_sharded(model, path)
     save_model(model, out_path, dtype=dtype)

@@ -113,6 +113,25 @@ class ParallelDims:
         e = self.coords(rank)["e"]
         return sorted(self.expert_rank(h, e) for h in range(self.edp))
 
+    def mp_ranks(self, rank: int) -> list[int]:
+        """The model-parallel group of `rank`: every rank joined to it by TP or EP collectives (the closure of both
+        groups). Its ranks must run the same forward passes, in the same number; a generator must give them the same
+        prompts and sampling seed. It is a block of consecutive ranks holding whole DP replicas: tp * ep ranks by
+        default (DP replicas f*ep .. f*ep + ep - 1), max(tp, ep) with ep_borrows_tp."""
+        seen, todo = {rank}, [rank]
+        while todo:
+            r = todo.pop()
+            for q in self.tp_ranks(r) + self.ep_ranks(r):
+                if q not in seen:
+                    seen.add(q)
+                    todo.append(q)
+        return sorted(seen)
+
+    @property
+    def mp(self) -> int:
+        """Ranks per model-parallel group (see mp_ranks)."""
+        return len(self.mp_ranks(0))
+
     def validate(self, config: ModelConfig) -> None:
         """Raise ParallelConfigError if the model's heads, FFN widths, vocabulary or experts do not split evenly."""
         tp, ep = self.tp, self.ep
@@ -179,6 +198,21 @@ class Layout:
     @property
     def ep(self) -> int:
         return self.dims.ep
+
+    @property
+    def mp(self) -> int:
+        """Ranks per model-parallel group: the ranks that must run identical generation (ParallelDims.mp_ranks)."""
+        return self.dims.mp
+
+    @property
+    def mp_index(self) -> int:
+        """Index of this rank's model-parallel group (groups are consecutive blocks of `mp` ranks)."""
+        return self.rank // self.mp
+
+    @property
+    def sharded(self) -> bool:
+        """True when parameters are split over ranks (tp > 1 or ep > 1): checkpoints are then sharded."""
+        return self.tp > 1 or self.ep > 1
 
     def batch_slice(self, global_batch_size: int) -> slice:
         """The rows of a global batch this rank trains on (TP ranks of one DP replica share rows)."""

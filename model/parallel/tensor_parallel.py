@@ -65,10 +65,13 @@ class RowParallelLinear(nn.Module):
         return f"in_local={self.weight.shape[1]}, out={self.weight.shape[0]}, reduce={self.reduce}"
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(nn.Embedding):
+    """Vocabulary rows [start, stop) of an nn.Embedding. Still an nn.Embedding, so code that treats embeddings
+    specially by type (train/optim.py: no weight decay) sees the same module kinds as on one process."""
+
     def __init__(self, embedding: nn.Embedding, group, start: int, stop: int):
-        super().__init__()
-        self.weight = nn.Parameter(embedding.weight.detach()[start:stop].clone())
+        super().__init__(stop - start, embedding.embedding_dim, _weight=embedding.weight.detach()[start:stop].clone(),
+                         device=embedding.weight.device, dtype=embedding.weight.dtype)
         self.group, self.vocab_start = group, start
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
