@@ -452,32 +452,19 @@ class GRPOTrainer:
     def evaluate(self) -> dict:
         """Greedy pass@1 and sampled mean@k on held-out rows (each model-parallel group generates its share; the
         sums over all ranks count every group mp times, which the ratio cancels)."""
-        from .rewards import accuracy_reward
+        from .evaluate import heldout_accuracy
 
-        m = self.cfg.metrics
+        m, g = self.cfg.metrics, self.cfg.grpo
         rows = self.source.heldout_rows(m.eval_problems)
         share = len(rows) // self.dist.mp_groups
         r = self.dist.mp_index
         rows = rows[r * share:(r + 1) * share] or rows
-        prompts = [self.codec.encode(r.prompt) for r in rows]
-        answers = [r.fields["answer"] for r in rows]
-        g = self.cfg.grpo
-
-        def score(out, reps):
-            texts = [self.codec.decode(ids) for ids in out.completions()]
-            ps = [r.prompt for r in rows for _ in range(reps)]
-            return sum(accuracy_reward(ps, texts, answer=[a for a in answers for _ in range(reps)]))
-
-        greedy = generate(self.policy, prompts, g.max_completion_length, greedy=True, eos_token_id=self.codec.eos,
-                          pad_token_id=self.codec.pad or 0)
-        res = torch.tensor([score(greedy, 1), float(len(rows)), 0.0, 0.0], dtype=torch.float64)
-        if m.eval_samples:
-            k = m.eval_samples
-            gen = torch.Generator(device=self.dist.device).manual_seed(self.cfg.seed + 12345)
-            sampled = generate(self.policy, [p for p in prompts for _ in range(k)], g.max_completion_length,
-                               temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_token_id=self.codec.eos,
-                               pad_token_id=self.codec.pad or 0, generator=gen)
-            res[2], res[3] = score(sampled, k), float(len(rows) * k)
+        acc = heldout_accuracy(self.policy, self.codec, rows, g.max_completion_length, m.eval_samples,
+                               g.temperature, g.top_p, g.top_k, seed=self.cfg.seed)
+        k = m.eval_samples
+        res = torch.tensor([acc["accuracy"] * len(rows), float(len(rows)),
+                            acc.get(f"accuracy_mean@{k}", 0.0) * len(rows) * k, float(len(rows) * k)],
+                           dtype=torch.float64)
         res = world_sum(res, self.dist)
         out = {"accuracy": float(res[0] / res[1])}
         if m.eval_samples:

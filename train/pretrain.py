@@ -48,7 +48,7 @@ class DataSection:
     # built-in corpus
     num_problems: int = 20000  # training problems generated (held-out problems are disjoint)
     eval_problems: int = 64  # held-out problems for greedy accuracy at each eval
-    flawed_fraction: float = 0.3  # share of worked solutions carrying a systematic mistake (see train/corpus.py)
+    flawed_fraction: float = 0.6  # share of worked solutions that forget the carry into the hundreds (train/corpus.py)
 
 
 @dataclass
