@@ -50,7 +50,7 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     progress: bool = True  # progress bar on stderr
-    eval_every: int = 50  # steps between held-out evaluations; 0 = only at the end
+    eval_every: int = 200  # steps between held-out evaluations; 0 = only at the end
     eval_batches: int = 4  # held-out batches per evaluation
 
 
