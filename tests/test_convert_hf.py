@@ -462,3 +462,25 @@ def test_existing_destination_needs_overwrite(v3, tmp_path, capsys):
     assert convert(v3[1], dst, "--overwrite") == 0
     assert not (dst / "keep.txt").exists() and load_model(dst) is not None
     assert convert(v3[1], v3[1], "--overwrite") == 2  # never onto the source
+
+
+def test_tp_ep_writes_a_sharded_layout_that_loads_anywhere(tmp_path):
+    """--tp/--ep write per-rank shards + manifest; they load into any layout and consolidate to the same model."""
+    from model.parallel.checkpoint import consolidate
+    from tools.convert_hf import main as convert_main
+
+    hf = make_hf_model(seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    assert convert_main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "single"), "--quiet"]) == 0
+    assert convert_main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "sharded"), "--tp", "2", "--ep", "2",
+                         "--quiet"]) == 0
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "sharded.json" in files and sum(f.startswith("shard-") for f in files) >= 2
+    consolidate(tmp_path / "sharded", tmp_path / "back")
+    a, b = load_model(tmp_path / "single"), load_model(tmp_path / "back")
+    ids = torch.arange(24).view(2, 12) % hf.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert convert_main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "bad"), "--tp", "3",
+                         "--quiet"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -295,6 +295,33 @@ def convert(src: str, dst: str, dtype: str = "auto", keep_mtp: bool = True, max_
     return plan
 
 
+def shard_for_layout(args) -> None:
+    """--tp/--ep: convert to a single-process checkpoint beside --dst, then write the layout's per-rank shards and
+    manifest (model/parallel/checkpoint.py's format, loaded directly by the parallel runtime) with the same code
+    path the runtime reshards with; the intermediate checkpoint is removed."""
+    import shutil
+    import tempfile
+
+    from model.parallel.checkpoint import shard_offline
+    from model.parallel.layout import ParallelConfigError
+
+    check_destination(args.src, args.dst, args.overwrite)
+    parent = os.path.dirname(os.path.abspath(args.dst))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".tmp-single-", dir=parent)
+    try:
+        single = os.path.join(scratch, "single")
+        convert(args.src, single, args.dtype, not args.no_mtp, args.max_shard_size, False, args.quiet)
+        try:
+            shard_offline(single, args.dst, tp=args.tp, ep=args.ep)
+        except ParallelConfigError as e:
+            raise ConversionError(f"{args.src}: cannot shard for tp={args.tp}, ep={args.ep}: {e}") from None
+        copy_tokenizer_files(args.src, args.dst)
+        log(f"wrote {args.dst}: sharded for tp={args.tp}, ep={args.ep}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.convert_hf", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -308,13 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new output shard past this size (GB = 1e9 bytes, GiB = 2^30)")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
     p.add_argument("--quiet", action="store_true", help="no per-shard progress lines")
+    p.add_argument("--tp", type=int, default=1, help="write the sharded layout of a tensor-parallel degree")
+    p.add_argument("--ep", type=int, default=1, help="write the sharded layout of an expert-parallel degree")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        convert(args.src, args.dst, args.dtype, not args.no_mtp, args.max_shard_size, args.overwrite, args.quiet)
+        if args.tp == 1 and args.ep == 1:
+            convert(args.src, args.dst, args.dtype, not args.no_mtp, args.max_shard_size, args.overwrite, args.quiet)
+        else:
+            shard_for_layout(args)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -205,3 +205,37 @@ def consolidate(path: str | os.PathLike, out_path: str | os.PathLike, dtype: tor
     model = _materialize(model)
     load_sharded(model, path)
     save_model(model, out_path, dtype=dtype)
+
+
+def shard_offline(path: str | os.PathLike, out_path: str | os.PathLike, tp: int = 1, ep: int = 1,
+                  ep_borrows_tp: bool = False) -> None:
+    """Write the checkpoint at `path` (single-process or sharded) as the sharded layout of a tp x ep job, in one
+    process, one rank's share at a time (never the full model): what `save_sharded` would write from the job's
+    ranks, for `tools.convert_hf --tp/--ep`. The world is the smallest that holds the layout (dp = ep unless EP
+    borrows TP ranks); larger jobs of the same tp/ep load it by resharding (every tensor piece is addressable)."""
+    from .layout import ParallelDims
+
+    path, out_path = os.fspath(path), os.path.abspath(os.fspath(out_path))
+    world = tp * (1 if ep_borrows_tp else ep)
+    dims = ParallelDims(world, tp, ep, ep_borrows_tp)
+    tmp = out_path + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        manifest = None
+        for rank in range(world):
+            model = load_parallel(path, Layout(dims, rank, init_groups=False))
+            plan, state = plan_of(model), _stored_keys(model)
+            if rank == 0:
+                model.config.to_json(os.path.join(tmp, "config.json"))
+                manifest = _manifest(plan, state)
+            mine = {k: v.detach().contiguous().cpu() for k, v in state.items() if plan.owns(k)}
+            if mine:
+                save_file(mine, os.path.join(tmp, _shard_file(rank)), metadata={"format": "pt"})
+            del model, state, mine
+        with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
+            json.dump(manifest, f, indent=1)
+        replace_dir(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
