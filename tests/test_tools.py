@@ -70,11 +70,14 @@ def test_generate_cli_with_tokenizer(ckpt, tmp_path, capsys):
     assert out["prompt_ids"] == [0, 1, 2] and isinstance(out["text"], str)
 
 
-def test_demo_runs(tmp_path):
-    summary = demo.main(["--run-dir", str(tmp_path / "demo"), "--preset", "tiny", "--max-new-tokens", "8"])
-    assert summary["cached_decode_consistent"]
-    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["preset"] == "tiny"
-    assert (tmp_path / "demo" / "checkpoint" / "config.json").is_file()
+def test_demo_quick_runs_every_stage(tmp_path):
+    summary = demo.main(["--run-dir", str(tmp_path / "demo"), "--quick"])
+    saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "accuracy_baseline", "wall_seconds"):
+        assert key in saved and saved[key] == summary[key]
+    for stage in ("pretrain", "grpo", "baseline"):
+        assert (tmp_path / "demo" / stage / "final" / "config.json").is_file()
+        assert (tmp_path / "demo" / stage / "loss.png").is_file() or stage == "grpo"
 
 
 def test_model_math_never_imports_torch_distributed():

@@ -33,7 +33,7 @@ def test_help_lists_every_option_with_default(capsys):
     for flag in ("--run-dir", "--seed", "--resume", "--training.steps", "--checkpoint.every", "--optimizer.lr",
                  "--data.source", "--parallelism.tp", "--parallelism.ep"):
         assert flag in out
-    assert "(default: 800)" in out  # training.steps
+    assert "(default: 1000)" in out  # training.steps
 
 
 @pytest.mark.parametrize("argv, message", [

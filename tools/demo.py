@@ -32,7 +32,7 @@ def stage_args(run_dir: str, seed: int, quick: bool) -> dict[str, list[str]]:
                 "--metrics.eval_every", "0", "--data.eval_problems", "32", *common]
     grpo = ["--run-dir", os.path.join(run_dir, "grpo"), "--model.init_from", os.path.join(pre, "final"),
             "--metrics.eval_every", "0", "--metrics.eval_samples", "0", "--metrics.eval_problems", "64",
-            "--checkpoint.every", "0", *common]
+            "--checkpoint.every", "0", "--grpo.steps", "20", "--grpo.max_completion_length", "48", *common]
     baseline = ["--run-dir", os.path.join(run_dir, "baseline"), "--model.init_from", os.path.join(pre, "final"),
                 "--data.flawed_fraction", "0.6", "--checkpoint.every", "0", "--metrics.eval_every", "0",
                 "--data.eval_problems", "32", "--optimizer.schedule", "constant", "--optimizer.warmup_steps", "0",

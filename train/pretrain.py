@@ -53,7 +53,7 @@ class DataSection:
 
 @dataclass
 class TrainingSection:
-    steps: int = 800
+    steps: int = 1000
     micro_batch: int = 16  # sequences per data-parallel replica per micro-step
     grad_accum: int = 1
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
