@@ -15,7 +15,8 @@ import os
 import sys
 
 CURVES = {
-    "loss": ["loss", "ce_loss", "val_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss"],
+    "loss": ["loss", "ce_loss", "val_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "kd_loss", "val_kd"],
+    "agreement": ["top1_agreement", "val_top1_agreement"],  # distillation: student argmax == teacher top-1
     "lr": ["lr"],
     "accuracy": ["accuracy", "accuracy_sampled", "val_accuracy"],
     "grad_norm": ["grad_norm"],
