@@ -33,7 +33,6 @@ group, one replica), or ep = 2 (one group of two replicas), the step is the sing
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -46,9 +45,9 @@ from model.generate import GenerationOutput, generate
 from model.parallel import clip_grad_norm_, comm_stats, sync_gradients
 from train.checkpoint import (CheckpointCorrupt, CheckpointMismatch, export_final, resolve_resume, restore_checkpoint,
                               save_checkpoint)
-from train.config import (CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig,
-                          load_job_config, to_toml)
-from train.distributed import DistInfo, dp_max, dp_sum, init_distributed, shutdown, world_gather, world_sum
+from train.entry import run_job
+from train.config import CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig, to_toml
+from train.distributed import DistInfo, dp_max, dp_sum, world_gather, world_sum
 from train.optim import build_optimizer, lr_at, set_lr
 from train.pretrain import load_for_layout, validate_parallelism
 from train.trainer import comm_metrics
@@ -575,32 +574,18 @@ def _replace_groups(roll, fresh, dead: list[int], G: int) -> dict:
     return roll
 
 
+def run(cfg: GRPOConfig, dist) -> int:
+    trainer = GRPOTrainer(cfg, dist)
+    trainer.maybe_resume()
+    summary = trainer.run()
+    if dist.is_main:
+        print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load_job_config(GRPOConfig, argv, prog="python -m rl.grpo", description=__doc__)
-    except JobConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.grpo.threads:
-        torch.set_num_threads(cfg.grpo.threads)
-    try:
-        dist = init_distributed(cfg.parallelism.tp, cfg.parallelism.ep,
-                                getattr(cfg.parallelism, "ep_borrows_tp", False))
-    except JobConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        trainer = GRPOTrainer(cfg, dist)
-        trainer.maybe_resume()
-        summary = trainer.run()
-        if dist.is_main:
-            print(json.dumps(summary))
-        return 0
-    except (JobConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown(dist)
+    return run_job(GRPOConfig, argv, "python -m rl.grpo", __doc__, run, threads=lambda cfg: cfg.grpo.threads,
+                   errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -16,17 +16,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from model import ModelConfig, Transformer, preset
 from model.parallel import ParallelConfigError, load_parallel, parallelize
 
 from .checkpoint import export_final as export_final_model
-from .config import (CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig,
-                     load_job_config, to_toml)
+from .config import CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig
 from .data import DataError, PackedDataset, load_split
-from .distributed import DistInfo, init_distributed, shutdown
+from .distributed import DistInfo
+from .entry import run_job
 from .trainer import Trainer, TrainingStopped
 
 
@@ -145,26 +144,8 @@ def window_batches(dataset: PackedDataset, micro_batch: int, grad_accum: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load_job_config(PretrainConfig, argv, prog="python -m train.pretrain", description=__doc__)
-    except JobConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.training.threads:
-        torch.set_num_threads(cfg.training.threads)
-    try:
-        dist = init_distributed(cfg.parallelism.tp, cfg.parallelism.ep,
-                                getattr(cfg.parallelism, "ep_borrows_tp", False))
-    except JobConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return run(cfg, dist)
-    except (JobConfigError, DataError, TrainingStopped) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown(dist)
+    return run_job(PretrainConfig, argv, "python -m train.pretrain", __doc__, run,
+                   threads=lambda cfg: cfg.training.threads, errors=(DataError, TrainingStopped))
 
 
 def run(cfg: PretrainConfig, dist) -> int:

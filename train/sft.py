@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 
-from .config import (CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig,
-                     load_job_config)
+from .config import CheckpointConfig, JobConfigError, MetricsConfig, OptimizerConfig, ParallelismConfig
 from .checkpoint import export_final
 from .data import DataError, EpochPermutation, eos_id, global_indices
-from .distributed import init_distributed, shutdown
+from .entry import run_job
 from .pretrain import load_for_layout, validate_parallelism
 from .trainer import Trainer, TrainingStopped
 
@@ -171,26 +170,8 @@ def _held_out(prompt: str, fraction: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load_job_config(SFTConfig, argv, prog="python -m train.sft", description=__doc__)
-    except JobConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.training.threads:
-        torch.set_num_threads(cfg.training.threads)
-    try:
-        dist = init_distributed(cfg.parallelism.tp, cfg.parallelism.ep,
-                                getattr(cfg.parallelism, "ep_borrows_tp", False))
-    except JobConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        return run(cfg, dist)
-    except (JobConfigError, DataError, TrainingStopped) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown(dist)
+    return run_job(SFTConfig, argv, "python -m train.sft", __doc__, run,
+                   threads=lambda cfg: cfg.training.threads, errors=(DataError, TrainingStopped))
 
 
 def run(cfg: SFTConfig, dist) -> int:
