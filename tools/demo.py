@@ -8,9 +8,13 @@ Stages (each is the project's own CLI, run in this process; every stage writes i
   2. grpo       `rl.grpo` from the pretrained checkpoint, rewarded by answer correctness (+ format);
   3. baseline   the honest control: the same pretrained checkpoint trained for the same wall time as GRPO by
                 continued pretraining on the same corpus;
+  4. distill    `distill.demo`: the GRPO model as the teacher of three 4x smaller students trained at the same
+                budget and seed — CE only, logit KD from a cached top-k teacher, and on-policy KD (`--no-distill`
+                skips it);
 then held-out accuracy (greedy pass@1, and sampled mean@8) of the pretrained, GRPO and baseline models on the same
 held-out problems, PNG curves per stage, and RUN_DIR/summary.json with `accuracy_before`, `accuracy_after`,
-`accuracy_baseline`, `wall_seconds` (and the mean@8 figures, stage times and seeds).
+`accuracy_baseline`, `wall_seconds`, `accuracy_teacher`, `accuracy_student_ce`, `accuracy_student_kd`,
+`accuracy_student_onpolicy` (and the mean@8 figures, cache bytes per token, stage times and seeds).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-problems", type=int, default=256, help="held-out problems for the final comparison")
     p.add_argument("--eval-samples", type=int, default=8, help="k of the sampled mean@k")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds), not the real demo")
+    p.add_argument("--no-distill", action="store_true", help="skip the distillation stage")
     args = p.parse_args(argv)
     from rl import grpo as grpo_cli
     from tools.plot import plot_run
@@ -97,6 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
     times["evaluation"] = time.perf_counter() - t_eval
     for stage in ("pretrain", "grpo", "baseline"):
         plot_run(os.path.join(args.run_dir, stage))
+    distill = {}
+    if not args.no_distill:
+        from distill.demo import DemoSettings, run_distillation_stage
+
+        t0 = time.perf_counter()
+        settings = DemoSettings(eval_problems=n, max_new_tokens=max_len)
+        if args.quick:  # the quick teacher is the 2-layer tiny preset: a scratch student, a few steps
+            settings = DemoSettings(eval_problems=n, max_new_tokens=max_len, student_init="scratch",
+                                    hidden_size=32, num_hidden_layers=1, intermediate_size=64, micro_batch=4)
+        distill = run_distillation_stage(os.path.join(args.run_dir, "grpo", "final"),
+                                         os.path.join(args.run_dir, "distill"), seed=args.seed,
+                                         budget=3 if args.quick else 60, settings=settings,
+                                         log=lambda m: print(f"[demo] {m}", file=sys.stderr))
+        times["distill"] = time.perf_counter() - t0
 
     summary = {
         "accuracy_before": results["before"]["accuracy"],
@@ -105,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"accuracy_before_mean@{k}": results["before"].get(f"accuracy_mean@{k}"),
         f"accuracy_after_mean@{k}": results["after"].get(f"accuracy_mean@{k}"),
         f"accuracy_baseline_mean@{k}": results["baseline"].get(f"accuracy_mean@{k}"),
+        **{k: distill[k] for k in ("accuracy_teacher", "accuracy_student_ce", "accuracy_student_kd",
+                                   "accuracy_student_onpolicy", "cache_bytes_per_token") if k in distill},
         "heldout_problems": n, "seed": args.seed, "quick": args.quick,
         "stage_seconds": {k2: round(v, 1) for k2, v in times.items()},
         "wall_seconds": time.perf_counter() - t_all,
