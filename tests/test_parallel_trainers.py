@@ -95,12 +95,12 @@ def torchrun_tp2(work):
 def _forked_worker(rank, world, work, single, tp2_resume):
     """Several trainer runs in the same 2 gloo ranks (main() would tear the group down: keep it)."""
     import rl.grpo
+    import train.entry
     import train.pretrain
     import train.sft
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    for module in (train.pretrain, train.sft, rl.grpo):
-        module.shutdown = lambda dist: None
+    train.entry.shutdown = lambda dist: None  # every trainer's main() goes through train.entry.run_job
     out = {}
     # pretraining at ep=2: dp=2 replicas of 2 rows each = the single process's 4 rows
     out["ep2"] = str(work / "ep2")
