@@ -404,6 +404,8 @@ def notes(r: dict) -> list[str]:
     d = w["decode"]
     fl = r["flops"]["per_token"]
     c = r["contention"]
+    kv = r["timings"]["kv_cache"]["transformers"]
+    kv_shapes = {k: f"{v['shape']} {v['dtype'].removeprefix('torch.')}" for k, v in kv["layer_tensors"].items()}
 
     def n_runs(task: str) -> int:
         return len(r["timings"][task]["seekstack"]["samples_s"])
@@ -424,17 +426,20 @@ def notes(r: dict) -> list[str]:
         f"({s['transformers_experts']['kernel']}); attention per task {s['transformers_attn_implementation']} "
         "(the faster of sdpa / eager, measured here).",
         "KV cache: seekstack = LatentCache.bytes_per_token_per_layer(); transformers = bytes of layer 0's cached "
-        "tensors in the returned past_key_values / (batch x length), measured.",
+        f"tensors in the returned {kv['cache_class']} / (batch x length), measured: keys {kv_shapes['keys']}, values "
+        f"{kv_shapes['values']} (transformers also caches MLA's compressed latent and the roped shared key, and "
+        "re-expands them with kv_b_proj at every step).",
         f"MFU = tokens/s x FLOPs/token / measured peak ({r['matmul_peak']['median_gflops']:.1f} GFLOP/s, median of an "
         f"fp32 {r['matmul_peak']['n']}^2 matmul at {r['machine']['threads']} threads). {fl['formula']}. "
         f"N = {fl['active_params_N']:,}; train FLOPs/token = {fl['train']:,}.",
         f"Timings: medians of {n_runs('train')} (train), {n_runs('prefill')} (prefill), {n_runs('decode')} (decode) "
-        f"runs per model after 1 warmup (for decode a {min(d['new_tokens'], 8)}-token generate), the two models "
+        f"runs per model after 1 warmup (for decode, a generate of {min(d['new_tokens'], 8)} tokens), the two models "
         "interleaved (A B, B A, ...).",
         f"Shared-machine guard: each timed run waits for other processes to use < {c['quiet_threshold_cores']} "
         f"cores and is retaken if they used more during it; waited {c['waited_s']} s, retook "
-        f"{c['rejected_runs']} runs, kept {c['contended_runs_kept']} contended runs (budget exhausted). Load "
-        f"average start/end: {r['load_average_start']} / {r['load_average_end']}.",
+        f"{c['rejected_runs']} runs, kept {c['contended_runs_kept']} runs that were still contended after the "
+        f"retries or the wait budget. Load average start/end: {r['load_average_start']} / "
+        f"{r['load_average_end']}.",
     ]
 
 
