@@ -16,18 +16,13 @@ import os
 import torch
 
 from model import load_model
+from train.checkpoint import file_sha256
 
 
 class VocabMismatch(ValueError):
     """Teacher and student (or a teacher cache and a student) do not share one vocabulary."""
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_identity(tokenizer_path: str) -> dict:

@@ -57,7 +57,8 @@ class CheckpointMismatch(RuntimeError):
     """The checkpoint is intact but was saved under a layout this run cannot resume from."""
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -129,7 +130,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: di
 
 def _finish(tmp: str, final: str, step: int) -> None:
     """Hash every file, write manifest.json last, fsync, rename into place."""
-    manifest = {name: _sha256(os.path.join(tmp, name)) for name in _files(tmp)}
+    manifest = {name: file_sha256(os.path.join(tmp, name)) for name in _files(tmp)}
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump({"step": step, "files": manifest}, f, indent=2)
     for fd_path in [os.path.join(tmp, n) for n in manifest] + [os.path.join(tmp, "manifest.json")]:
@@ -225,7 +226,7 @@ def verify(path: str) -> None:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise CheckpointCorrupt(f"{file}: missing")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise CheckpointCorrupt(f"{file}: content does not match its SHA-256 in manifest.json (corrupt)")
 
 

@@ -55,8 +55,9 @@ def train_bpe(texts, vocab_size: int, special_tokens: list[str] | None = None):
 
 
 def tokenizer_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    from .checkpoint import file_sha256
+
+    return file_sha256(path)
 
 
 def eos_id(tokenizer) -> int:
