@@ -21,10 +21,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: torch.Tensor | None = None, start: int = 0,
                 balance_alpha: float = 0.0) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, mask, cache, start)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(h, balance_alpha)

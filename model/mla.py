@@ -47,7 +47,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D].
 
@@ -56,18 +56,18 @@ class MLA(nn.Module):
         slots [start, start + T) and attention runs over slots [0, start + T). Decoding (start > 0) uses the
         absorbed path.
         """
-        q_nope, q_pe = self.query(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
+        q_nope, q_pe = self.query(x, freqs_cis)
+        c_kv, k_pe = self.latent(x, freqs_cis)
         if cache is not None:
             end = start + x.shape[1]
             cache[:, start:end, : self.kv_lora_rank] = c_kv
             cache[:, start:end, self.kv_lora_rank:] = k_pe
-            c_kv, k_pe = cache[:, :end, : self.kv_lora_rank], cache[:, :end, self.kv_lora_rank:]
             if start > 0:
-                return self.o_proj(self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask))
+                return self.o_proj(self.attend_absorbed(q_nope, q_pe, cache[:, :end], mask))
+            c_kv, k_pe = cache[:, :end, : self.kv_lora_rank], cache[:, :end, self.kv_lora_rank:]
         return self.o_proj(self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask))
 
-    def query(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, x, freqs_cis) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns q^C [B, T, H, nope] and roped q^R [B, T, H, rope]."""
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -75,12 +75,12 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (-1, self.nope_dim + self.rope_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rotary(q_pe, cos, sin)
+        return q_nope, apply_rotary(q_pe, freqs_cis)
 
-    def latent(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent(self, x, freqs_cis) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the cached quantities: normalised c^KV [B, T, kv_lora_rank] and roped k^R [B, T, rope]."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin)
+        return self.kv_a_layernorm(c_kv), apply_rotary(k_pe, freqs_cis)
 
     def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Up-project the latent to per-head keys/values and run SDPA. Returns [B, T, H * v_head_dim]."""
@@ -90,21 +90,30 @@ class MLA(nn.Module):
         S = k_nope.shape[1]
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, qk]
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope_dim)), dim=-1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-                                           scale=self.softmax_scale)
-        return o.transpose(1, 2).flatten(2)
+        v = v.transpose(1, 2)
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0:  # SDPA's fused (flash) kernels want equal q/k and v head dims; zero columns add nothing
+            v = F.pad(v, (0, pad))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale)
+        return o[..., : self.v_dim].transpose(1, 2).flatten(2)
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """Attention directly over the latent cache (W^UK absorbed into q, W^UV applied after). [B, T, H * v]."""
+    def attend_absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
+        """Attention directly over the latent cache (W^UK absorbed into q, W^UV applied after). [B, T, H * v].
+
+        latent [B, S, kv_lora_rank + rope]: the cache rows [c^KV; k^R], so one matmul scores both terms.
+        """
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, nope, c], [H, v, c]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, H, c]
-        # Heads fold into the query axis: one [T*H, c] x [c, S] matmul per sequence (the latent is shared by heads).
-        scores = (q_lat.flatten(1, 2) @ c_kv.transpose(1, 2) + q_pe.flatten(1, 2) @ k_pe.transpose(1, 2))
-        scores = scores.float().unflatten(1, (T, H)) * self.softmax_scale  # [B, T, H, S]
-        if mask is not None:
-            scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = (probs.flatten(1, 2) @ c_kv).unflatten(1, (T, H))  # [B, T, H, c]
+        # Heads fold into the query axis: one [T*H, c + rope] x [c + rope, S] matmul per sequence.
+        q = torch.cat((q_lat, q_pe), dim=-1).flatten(1, 2)
+        if mask is None:
+            scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.softmax_scale
+        else:  # additive -inf bias for masked slots, broadcast over heads: [B, T, 1, S] -> rows (t, h)
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            bias = bias.transpose(1, 2).expand(B, T, H, -1).flatten(1, 2)
+            scores = torch.baddbmm(bias, q, latent.transpose(1, 2), alpha=self.softmax_scale).float()
+        probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, T*H, S]
+        o_lat = torch.bmm(probs, latent[..., : self.kv_lora_rank]).unflatten(1, (T, H))  # [B, T, H, c]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv).flatten(2)

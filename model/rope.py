@@ -9,7 +9,7 @@ YaRN (Peng et al. 2023; V3 report §4.3): with s = factor, original context L, b
     corr_dim(r) = d * ln(L / (2*pi*r)) / (2 ln b),   low = floor(corr_dim(beta_fast)), high = ceil(corr_dim(beta_slow))
     ramp_i = clamp((i - low) / (high - low), 0, 1)
     inv_freq_i = inv_freq_i / s * ramp_i + inv_freq_i * (1 - ramp_i)
-The attention temperature is folded into the softmax scale (see ModelConfig.softmax_scale), and the cos/sin amplitude
+The attention temperature is folded into the softmax scale (see ModelConfig.softmax_scale), and the rotation's amplitude
 is mscale(s, mscale) / mscale(s, mscale_all_dim), 1.0 for every DeepSeek config (transformers' attention_factor).
 """
 
@@ -41,7 +41,7 @@ def yarn_inv_freq(dim: int, base: float, factor: float, original_max_pos: int, b
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces (cos, sin) of shape [B, T, d/2] in fp32 for integer positions [B, T]."""
+    """Produces the rotation freqs_cis [B, T, d/2] (complex64) for integer positions [B, T]."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -79,19 +79,19 @@ class RotaryEmbedding(nn.Module):
             self.reset_parameters()
         return self
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Integer positions [B, T] -> freqs_cis [B, T, d/2] complex64: attention_factor * exp(i * pos * inv_freq)."""
         angles = position_ids.float()[..., None] * self.inv_freq  # [B, T, d/2]
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return torch.polar(torch.full_like(angles, self.attention_factor), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, T, H, d] (or [B, T, d]) by angles cos/sin [B, T, d/2]; fp32 math.
+def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, T, H, d] (or [B, T, d]) by freqs_cis [B, T, d/2]; fp32 math.
 
-    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin), the complex product of the official code.
+    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin): the pair read as the complex number
+    x_2i + i x_2i+1 times exp(i theta), as the official code does it (one fused complex multiply).
     """
     if x.dim() == 4:
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    xf = x.float().unflatten(-1, (-1, 2))
-    x_even, x_odd = xf[..., 0], xf[..., 1]
-    out = torch.stack((x_even * cos - x_odd * sin, x_odd * cos + x_even * sin), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+        freqs_cis = freqs_cis.unsqueeze(2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs_cis).flatten(-2).to(x.dtype)

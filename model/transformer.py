@@ -100,13 +100,13 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
 
-        cos, sin = self.rotary(position_ids)
+        freqs_cis = self.rotary(position_ids)
         balance_alpha = self.config.aux_loss_alpha if labels is not None else 0.0
         h = self.embed_tokens(input_ids)
         loads, balance = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = cache.latent[i] if cache is not None else None
-            h, stats = layer(h, cos, sin, mask, layer_cache, start, balance_alpha)
+            h, stats = layer(h, freqs_cis, mask, layer_cache, start, balance_alpha)
             if stats is not None:
                 loads.append(stats.load)
                 if stats.balance_loss is not None:
@@ -117,7 +117,7 @@ class Transformer(nn.Module):
                           expert_load=torch.stack(loads) if loads else None)
 
         if (labels is not None or return_mtp_logits) and len(self.mtp) > 0 and cache is None:
-            self._forward_mtp(out, input_ids, labels, cos, sin, mask, balance_alpha, balance, return_mtp_logits)
+            self._forward_mtp(out, input_ids, labels, freqs_cis, mask, balance_alpha, balance, return_mtp_logits)
         if labels is None and self.gather_logits is not None:
             out.logits = self.gather_logits(out.logits)
             out.mtp_logits = [self.gather_logits(logits) for logits in out.mtp_logits]
@@ -132,14 +132,14 @@ class Transformer(nn.Module):
             out.loss = loss
         return out
 
-    def _forward_mtp(self, out: ModelOutput, input_ids, labels, cos, sin, mask, balance_alpha, balance,
+    def _forward_mtp(self, out: ModelOutput, input_ids, labels, freqs_cis, mask, balance_alpha, balance,
                      return_logits: bool) -> None:
         h = out.hidden_states
         for k, module in enumerate(self.mtp, start=1):
             # Emb(t_{i+k}) at position i; the last k positions have no such token (filled with id 0, never scored,
             # and causal attention keeps them from influencing earlier positions).
             next_ids = F.pad(input_ids[:, k:], (0, k), value=0)
-            h, stats = module(h, self.embed_tokens(next_ids), cos, sin, mask, balance_alpha)
+            h, stats = module(h, self.embed_tokens(next_ids), freqs_cis, mask, balance_alpha)
             if stats is not None and stats.balance_loss is not None:
                 balance.append(stats.balance_loss)
             logits = self.lm_head(module.norm(h))

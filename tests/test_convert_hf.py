@@ -314,11 +314,11 @@ def test_mtp_layer_mapped_and_used(v3_mtp, tmp_path, capsys):
         mapped = hf_state_dict_to_seekstack({k: t for k, t in hf.items() if k.startswith(p)}, cfg)
         block.load_state_dict({k.removeprefix("mtp.0.block."): t for k, t in mapped.items()
                                if k.startswith("mtp.0.block.")})
-        cos, sin = model.rotary(torch.arange(ids.shape[1]).expand_as(ids))
+        freqs_cis = model.rotary(torch.arange(ids.shape[1]).expand_as(ids))
 
         def mtp_logits(first, second):
             x = torch.cat((first, second), dim=-1) @ hf[p + "eh_proj.weight"].T
-            y = block(x, cos, sin)[0]
+            y = block(x, freqs_cis)[0]
             return rms(y, hf[p + "shared_head.norm.weight"]) @ hf[p + "shared_head.head.weight"].T
 
         e, hh = rms(emb, hf[p + "enorm.weight"]), rms(h, hf[p + "hnorm.weight"])

@@ -1,5 +1,5 @@
-"""Routed experts: grouped GEMM path == per-expert loop == naive per-token SwiGLU (forward and backward), automatic
-fallback where torch's grouped GEMM does not apply, LocalDispatcher round trip, float64 gradcheck.
+"""Routed experts: grouped GEMM path == padded bmm path == per-expert loop == naive per-token SwiGLU (forward and
+backward), the automatic choice between them, LocalDispatcher round trip, float64 gradcheck.
 
 Run:  cd /work/main && PYTHONPATH=. python -m pytest -q tests/test_experts.py
 """
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 import model.experts as experts_mod
 from model.dispatch import LocalDispatcher
-from model.experts import GroupedExperts, grouped_mm_supported, grouped_swiglu
+from model.experts import GroupedExperts, choose_impl, grouped_mm_supported, grouped_swiglu
+
+IMPLS = ("grouped_mm", "padded", "loop")
 
 
 def naive_rows(x_RD, gate_up, down, expert_of_row):
@@ -48,21 +50,18 @@ def test_grouped_mm_equals_loop_equals_naive(counts):
     assert grouped_mm_supported(x, w1) and grouped_mm_supported(x, down.transpose(-2, -1))
     g = torch.randn(x.shape[0], D)
 
-    y_gmm = grouped_swiglu(x, gate_up, down, counts_E, use_grouped_mm=True)
-    y_loop = grouped_swiglu(x, gate_up, down, counts_E, use_grouped_mm=False)
     y_ref = naive_rows(x, gate_up, down, expert_of_row)
-    torch.testing.assert_close(y_gmm, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y_loop, y_ref, rtol=1e-5, atol=1e-5)
-
     ref = grads(y_ref, (x, gate_up, down), g)
-    for y in (y_gmm, y_loop):
+    for impl in IMPLS:
+        y = grouped_swiglu(x, gate_up, down, counts_E, impl=impl)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=impl)
         for got, want, name in zip(grads(y, (x, gate_up, down), g), ref, ("x", "gate_up_proj", "down_proj")):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
-    # experts without tokens get exactly zero weight gradient
-    gu_grad = grads(y_gmm, (gate_up,), g)[0]
-    for e, c in enumerate(counts):
-        if c == 0:
-            assert torch.count_nonzero(gu_grad[e]) == 0
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{impl}: {name}")
+        # experts without tokens get exactly zero weight gradient
+        gu_grad = grads(y, (gate_up,), g)[0]
+        for e, c in enumerate(counts):
+            if c == 0:
+                assert torch.count_nonzero(gu_grad[e]) == 0, impl
 
 
 def test_grouped_mm_backward_accepts_any_grad_layout():
@@ -74,8 +73,8 @@ def test_grouped_mm_backward_accepts_any_grad_layout():
     E, D, I = 4, 8, 4
     x, gate_up, down, counts_E, expert_of_row = make_case(E, D, I, [3, 0, 5, 2])
     ref = torch.autograd.grad(naive_rows(x, gate_up, down, expert_of_row).sum(), (x, gate_up, down))
-    for use in (False, True):
-        y = grouped_swiglu(x, gate_up, down, counts_E, use_grouped_mm=use)
+    for impl in IMPLS:
+        y = grouped_swiglu(x, gate_up, down, counts_E, impl=impl)
         got = torch.autograd.grad(y.sum(), (x, gate_up, down))
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -95,7 +94,8 @@ def test_unsupported_shapes_fall_back_to_loop(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(experts_mod, "_grouped_mm", spy)
-    y_auto = grouped_swiglu(x, gate_up, down, counts_E)  # use_grouped_mm=None -> automatic
+    monkeypatch.setattr(experts_mod, "PADDED_MAX_ROWS", 0)  # CPU padded path off: grouped_mm or the loop
+    y_auto = grouped_swiglu(x, gate_up, down, counts_E)  # impl="auto"
     assert calls == []  # fell back to the loop
     torch.testing.assert_close(y_auto, naive_rows(x, gate_up, down, expert_of_row), rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y_auto)
@@ -127,8 +127,8 @@ def test_grouped_experts_module_matches_naive():
     counts = torch.tensor([2, 3, 0, 4])
     x = torch.randn(9, 16)
     expected = naive_rows(x, module.gate_up_proj, module.down_proj, torch.repeat_interleave(torch.arange(4), counts))
-    for use in (None, True, False):
-        module.use_grouped_mm = use
+    for impl in ("auto",) + IMPLS:
+        module.impl = impl
         torch.testing.assert_close(module(x, counts), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -136,8 +136,8 @@ def test_zero_rows_total():
     E, D, I = 3, 8, 4
     gate_up, down = torch.randn(E, 2 * I, D), torch.randn(E, D, I)
     x = torch.zeros(0, D)
-    for use in (False, True):
-        y = grouped_swiglu(x, gate_up, down, torch.zeros(E, dtype=torch.int64), use_grouped_mm=use)
+    for impl in ("auto",) + IMPLS:
+        y = grouped_swiglu(x, gate_up, down, torch.zeros(E, dtype=torch.int64), impl=impl)
         assert y.shape == (0, D)
 
 
@@ -187,6 +187,25 @@ def test_gradcheck_loop_path_float64():
     x, gate_up, down, counts_E, _ = make_case(E, D, I, [2, 0, 1], dtype=torch.float64)
 
     def f(x, gate_up, down):
-        return grouped_swiglu(x, gate_up, down, counts_E, use_grouped_mm=False)
+        return grouped_swiglu(x, gate_up, down, counts_E, impl="loop")
 
     assert torch.autograd.gradcheck(f, (x, gate_up, down), eps=1e-6, atol=1e-6)
+
+    def padded(x, gate_up, down):
+        return grouped_swiglu(x, gate_up, down, counts_E, impl="padded")
+
+    assert torch.autograd.gradcheck(padded, (x, gate_up, down), eps=1e-6, atol=1e-6)
+
+
+def test_auto_choice_rules():
+    """CPU: padded bmm for few rows when padding at most doubles the rows; grouped GEMM otherwise (aligned)."""
+    E, D, I = 4, 8, 4
+    w1, w2 = torch.randn(E, D, 2 * I), torch.randn(E, I, D)
+    balanced = torch.tensor([3, 2, 3, 2])  # 4 experts x 3 slots = 12 <= 2 x 10 rows
+    skewed = torch.tensor([9, 1, 0, 0])  # 4 x 9 = 36 > 2 x 10
+    assert choose_impl(torch.randn(10, D), w1, w2, balanced) == "padded"
+    assert choose_impl(torch.randn(10, D), w1, w2, skewed) == "grouped_mm"
+    many = torch.full((E,), experts_mod.PADDED_MAX_ROWS // E + 1)
+    assert choose_impl(torch.randn(int(many.sum()), D), w1, w2, many) == "grouped_mm"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        grouped_swiglu(torch.randn(10, D), w1.transpose(1, 2), w2.transpose(1, 2), balanced, impl="fast")

@@ -25,18 +25,18 @@ def test_absorbed_equals_expanded_attention():
     mla: MLA = model.layers[0].self_attn
     x = torch.randn(2, 12, cfg.hidden_size)
     pos = torch.arange(12).expand(2, 12)
-    cos, sin = model.rotary(pos)
-    q_nope, q_pe = mla.query(x, cos, sin)
-    c_kv, k_pe = mla.latent(x, cos, sin)
+    freqs_cis = model.rotary(pos)
+    q_nope, q_pe = mla.query(x, freqs_cis)
+    c_kv, k_pe = mla.latent(x, freqs_cis)
     attn = torch.ones(2, 12, dtype=torch.bool)
     attn[1, :4] = False
     mask = padded_causal_mask(attn)
     expanded = mla.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
-    absorbed = mla.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+    absorbed = mla.attend_absorbed(q_nope, q_pe, torch.cat((c_kv, k_pe), -1), mask)
     assert (expanded - absorbed).abs().max() <= 1e-5
     # and with no mask (plain causal) the expanded path's is_causal matches the absorbed path's explicit mask
     expanded_causal = mla.attend_expanded(q_nope, q_pe, c_kv, k_pe, None)
-    absorbed_causal = mla.attend_absorbed(q_nope, q_pe, c_kv, k_pe, padded_causal_mask(torch.ones(2, 12)))
+    absorbed_causal = mla.attend_absorbed(q_nope, q_pe, torch.cat((c_kv, k_pe), -1), padded_causal_mask(torch.ones(2, 12)))
     assert (expanded_causal - absorbed_causal).abs().max() <= 1e-5
 
 
@@ -84,8 +84,8 @@ def test_cache_holds_only_latent_and_rope_key():
         model(ids, cache=cache)
         # what is cached is exactly kv_a_layernorm(c_KV) and the roped shared key of each layer's input
         x = model.embed_tokens(ids)
-        cos, sin = model.rotary(torch.arange(7).expand(3, 7))
-        c_kv, k_pe = model.layers[0].self_attn.latent(model.layers[0].input_layernorm(x), cos, sin)
+        freqs_cis = model.rotary(torch.arange(7).expand(3, 7))
+        c_kv, k_pe = model.layers[0].self_attn.latent(model.layers[0].input_layernorm(x), freqs_cis)
     assert torch.allclose(cache.latent[0, :, :, : cfg.kv_lora_rank], c_kv, atol=1e-6)
     assert torch.allclose(cache.latent[0, :, :, cfg.kv_lora_rank:], k_pe, atol=1e-6)
 

@@ -75,10 +75,10 @@ def test_moe_forward_equals_naive(moe_setup):
 def test_moe_grouped_and_loop_paths_agree(moe_setup):
     cfg, moe = moe_setup
     x = torch.randn(2, 5, cfg.hidden_size)
-    moe.experts.use_grouped_mm = False
+    moe.experts.impl = "loop"
     y_loop, _ = moe(x)
     g_loop = torch.autograd.grad(y_loop.square().sum(), list(moe.parameters()), allow_unused=True)
-    moe.experts.use_grouped_mm = True
+    moe.experts.impl = "grouped_mm"
     y_gmm, _ = moe(x)
     g_gmm = torch.autograd.grad(y_gmm.square().sum(), list(moe.parameters()), allow_unused=True)
     torch.testing.assert_close(y_gmm, y_loop, rtol=1e-5, atol=1e-5)

@@ -124,9 +124,9 @@ def test_mtp_modules_equal_hand_computation(mtp_model):
     out = model(ids, return_mtp_logits=True)
     assert out.loss is None and len(out.mtp_logits) == 2
 
-    cos, sin = model.rotary(torch.arange(T).expand(B, T))
+    freqs_cis = model.rotary(torch.arange(T).expand(B, T))
     # h^0 is the final normed hidden state of the main model
-    h0 = model.norm(_main_trunk(model, ids, cos, sin))
+    h0 = model.norm(_main_trunk(model, ids, freqs_cis))
     torch.testing.assert_close(out.hidden_states, h0)
     torch.testing.assert_close(out.logits, model.lm_head(h0))
 
@@ -134,7 +134,7 @@ def test_mtp_modules_equal_hand_computation(mtp_model):
     for k, module in enumerate(model.mtp, start=1):
         emb = model.embed_tokens(F.pad(ids[:, k:], (0, k)))  # Emb(t_{i+k}); the tail is never used causally
         h_in = module.eh_proj(torch.cat((module.enorm(emb), module.hnorm(h)), dim=-1))  # embedding first
-        h, _ = module.block(h_in, cos, sin, None)
+        h, _ = module.block(h_in, freqs_cis, None)
         logits = model.lm_head(module.norm(h))
         n = T - k  # positions with a real token t_{i+k}
         torch.testing.assert_close(out.mtp_logits[k - 1][:, :n], logits[:, :n], rtol=1e-5, atol=1e-5)
@@ -144,10 +144,10 @@ def test_mtp_modules_equal_hand_computation(mtp_model):
         assert not torch.allclose(swapped, h_in)
 
 
-def _main_trunk(model, ids, cos, sin):
+def _main_trunk(model, ids, freqs_cis):
     h = model.embed_tokens(ids)
     for layer in model.layers:
-        h, _ = layer(h, cos, sin, None)
+        h, _ = layer(h, freqs_cis, None)
     return h
 
 

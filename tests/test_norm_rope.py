@@ -92,15 +92,16 @@ def test_yarn_inv_freq_matches_transformers():
     assert rotary.attention_factor == pytest.approx(hf_attention_factor) == pytest.approx(1.0)
 
 
-def test_rotary_embedding_cos_sin():
+def test_rotary_embedding_freqs_cis():
     cfg = preset("tiny", rope_theta=500.0)
     rotary = RotaryEmbedding(cfg)
     d = cfg.qk_rope_head_dim
     inv = 1.0 / 500.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     torch.testing.assert_close(rotary.inv_freq.double(), inv, rtol=1e-6, atol=0)
     pos = torch.tensor([[0, 1, 5, 17]])
-    cos, sin = rotary(pos)
-    assert cos.shape == (1, 4, d // 2) and cos.dtype == torch.float32
+    freqs_cis = rotary(pos)
+    assert freqs_cis.shape == (1, 4, d // 2) and freqs_cis.dtype == torch.complex64
+    cos, sin = freqs_cis.real, freqs_cis.imag
     angles = pos.double()[..., None] * inv
     torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-6)
     torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-6)
@@ -111,8 +112,8 @@ def test_rotary_attention_factor_mscale_ratio():
     rotary = RotaryEmbedding(preset("tiny", rope_scaling=rs))
     expected = (0.1 * 0.707 * math.log(40) + 1) / (0.1 * math.log(40) + 1)
     assert rotary.attention_factor == pytest.approx(expected)
-    cos, sin = rotary(torch.arange(6)[None])
-    torch.testing.assert_close(cos.square() + sin.square(), torch.full_like(cos, expected ** 2))
+    freqs_cis = rotary(torch.arange(6)[None])
+    torch.testing.assert_close(freqs_cis.abs(), torch.full(freqs_cis.shape, expected), rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------- apply_rotary
@@ -134,33 +135,38 @@ def test_apply_rotary_equals_complex_form(yarn):
     rotary = RotaryEmbedding(cfg)
     B, T, H, d = 2, 7, 3, 16
     pos = torch.stack([torch.arange(T), torch.arange(T) + 100])
-    cos, sin = rotary(pos)
+    freqs_cis = rotary(pos)
     q = torch.randn(B, T, H, d)
     k = torch.randn(B, T, d)  # MLA's single shared rope key: the 3-D layout
-    torch.testing.assert_close(apply_rotary(q, cos, sin).double(), _complex_rope(q, pos, rotary.inv_freq),
+    torch.testing.assert_close(apply_rotary(q, freqs_cis).double(), _complex_rope(q, pos, rotary.inv_freq),
                                rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(apply_rotary(k, cos, sin).double(), _complex_rope(k, pos, rotary.inv_freq),
+    torch.testing.assert_close(apply_rotary(k, freqs_cis).double(), _complex_rope(k, pos, rotary.inv_freq),
                                rtol=1e-5, atol=1e-5)
+    # and the real-arithmetic form on the interleaved pairs (transformers' rope_interleave reads them this way)
+    cos, sin = freqs_cis.real.unsqueeze(2), freqs_cis.imag.unsqueeze(2)
+    even, odd = q[..., 0::2], q[..., 1::2]
+    real_form = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    torch.testing.assert_close(apply_rotary(q, freqs_cis), real_form, rtol=1e-6, atol=1e-6)
 
 
 def test_apply_rotary_hand_case():
     # One pair (1, 0) rotated by 90 degrees -> (0, 1); pair (0, 2) by 180 degrees -> (0, -2).
     x = torch.tensor([[[1.0, 0.0, 0.0, 2.0]]])  # [B=1, T=1, d=4]
     angles = torch.tensor([[[math.pi / 2, math.pi]]])
-    out = apply_rotary(x, angles.cos(), angles.sin())
+    out = apply_rotary(x, torch.polar(torch.ones_like(angles), angles))
     torch.testing.assert_close(out, torch.tensor([[[0.0, 1.0, 0.0, -2.0]]]), rtol=0, atol=1e-6)
 
 
 def test_apply_rotary_preserves_norm_and_dtype():
     cfg = preset("tiny", qk_rope_head_dim=16)
-    cos, sin = RotaryEmbedding(cfg)(torch.arange(50)[None])
+    freqs_cis = RotaryEmbedding(cfg)(torch.arange(50)[None])
     x = torch.randn(1, 50, 4, 16)
-    out = apply_rotary(x, cos, sin)
+    out = apply_rotary(x, freqs_cis)
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
     # pairwise norms too (each pair is rotated on its own)
     torch.testing.assert_close(out.unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1),
                                rtol=1e-5, atol=1e-5)
-    assert apply_rotary(x.to(torch.bfloat16), cos, sin).dtype == torch.bfloat16
+    assert apply_rotary(x.to(torch.bfloat16), freqs_cis).dtype == torch.bfloat16
 
 
 def test_rotary_relative_position_property():
@@ -169,10 +175,8 @@ def test_rotary_relative_position_property():
     q, k = torch.randn(16), torch.randn(16)
 
     def score(m: int, n: int) -> float:
-        cos_m, sin_m = rotary(torch.tensor([[m]]))
-        cos_n, sin_n = rotary(torch.tensor([[n]]))
-        return float(apply_rotary(q.view(1, 1, 16), cos_m, sin_m).flatten()
-                     @ apply_rotary(k.view(1, 1, 16), cos_n, sin_n).flatten())
+        return float(apply_rotary(q.view(1, 1, 16), rotary(torch.tensor([[m]]))).flatten()
+                     @ apply_rotary(k.view(1, 1, 16), rotary(torch.tensor([[n]]))).flatten())
 
     for m, n in [(5, 2), (9, 9), (3, 11)]:
         ref = score(m, n)
