@@ -155,8 +155,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     per-token entropy. Returns ([B, N], [B, N])."""
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    P, N = prompt_ids.shape[1], completion_ids.shape[1]
-    logits = model(ids, attention_mask=mask).logits[:, P - 1: P + N - 1].float() / temperature
+    N = completion_ids.shape[1]
+    # Only the N positions that predict completion tokens need the output head (the last one predicts nothing).
+    logits = model(ids, attention_mask=mask, logits_to_keep=N + 1).logits[:, :N].float() / temperature
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
