@@ -5,7 +5,8 @@
     (per-rank optimizer state) and RUN_DIR/final is a consolidated checkpoint that model.load_model opens;
   * in forked gloo ranks (tests/distributed_helpers.py, no interpreter start-up): pretraining at ep=2 matches one
     process; a tp=2 run resumed from its step-2 checkpoint ends bit-identical to the uninterrupted run; one GRPO step at
-    tp=2 and at ep=2 matches the single-process step's metrics; SFT at ep=2 fine-tunes a tp=2 sharded checkpoint
+    tp=2, at ep=2 and with FSDP2 over dp=2 matches the single-process step's metrics; FSDP2 pretraining over dp=2 matches
+    one process and resumes bit-identically from its step-2 checkpoint (per-rank optimizer chunks); SFT at ep=2 fine-tunes a tp=2 sharded checkpoint
     (resharded on load); a resume under another layout is refused with the fix.
 
 lr 1e-3 / eps 1e-6 as tests/test_parallel_distributed.py (Adam's step g / (|g| + eps) amplifies the ~1e-8 gradient
@@ -112,8 +113,20 @@ def _forked_worker(rank, world, work, single, tp2_resume):
     # the same checkpoint under another layout: refused, naming the fix
     out["mismatch"] = train.pretrain.main(PRE + ["--training.micro_batch", "2", "--parallelism.ep", "2",
                                                  "--run-dir", tp2_resume, "--resume", "auto"])
-    # one GRPO step at tp=2 (one generator group, one replica) and at ep=2 (one group, two replicas)
-    for name, flags in (("grpo_tp2", ["--parallelism.tp", "2"]), ("grpo_ep2", ["--parallelism.ep", "2"])):
+    # pretraining with FSDP2 over dp=2 (checkpoints at steps 2 and 4), then the same run resumed from step 2
+    out["fsdp"], out["fsdp_resume"] = str(work / "fsdp"), str(work / "fsdp_resume")
+    fsdp_run = PRE + ["--training.micro_batch", "2", "--checkpoint.every", "2", "--parallelism.fsdp", "true"]
+    assert train.pretrain.main(fsdp_run + ["--run-dir", out["fsdp"]]) == 0
+    if rank == 0:
+        shutil.copytree(out["fsdp"], out["fsdp_resume"])
+        shutil.rmtree(os.path.join(out["fsdp_resume"], "checkpoints", "step_00000004"))
+        shutil.rmtree(os.path.join(out["fsdp_resume"], "final"))
+    torch.distributed.barrier()
+    assert train.pretrain.main(fsdp_run + ["--run-dir", out["fsdp_resume"], "--resume", "auto"]) == 0
+    # one GRPO step at tp=2 (one generator group, one replica), at ep=2 (one group, two replicas) and with FSDP
+    # over dp=2 (FSDP's all-gathers join the two replicas into one generator group)
+    for name, flags in (("grpo_tp2", ["--parallelism.tp", "2"]), ("grpo_ep2", ["--parallelism.ep", "2"]),
+                        ("grpo_fsdp", ["--parallelism.fsdp", "true"])):
         out[name] = str(work / name)
         assert rl.grpo.main(GRPO + ["--model.init_from", single["base"], "--run-dir", out[name], *flags]) == 0
     # SFT at ep=2 from the tp=2 run's sharded step-2 checkpoint (resharded on load)
@@ -198,12 +211,25 @@ def test_tp2_resume_is_bit_identical(torchrun_tp2, forked):
     assert [r["loss"] for r in _metrics(torchrun_tp2)] == [r["loss"] for r in _metrics(forked["tp2_resume"])]
 
 
+def test_fsdp_pretraining_matches_one_process_and_resumes_exactly(single, forked):
+    assert _loss_diff(single["pretrain"], forked["fsdp"]) < TOL
+    assert _weights_diff(os.path.join(single["pretrain"], "final"), os.path.join(forked["fsdp"], "final")) < TOL
+    step = os.path.join(forked["fsdp"], "checkpoints", "step_00000004")
+    state = json.load(open(os.path.join(step, "trainer_state.json")))
+    assert state["layout"] == {"world_size": 2, "tp": 1, "ep": 1, "ep_borrows_tp": False, "fsdp": True}
+    assert sorted(os.listdir(os.path.join(step, "ranks"))) == ["rank_00000", "rank_00001"]  # optimizer chunks
+    a = load_file(os.path.join(forked["fsdp"], "final", "model.safetensors"))
+    b = load_file(os.path.join(forked["fsdp_resume"], "final", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _metrics(forked["fsdp"])] == [r["loss"] for r in _metrics(forked["fsdp_resume"])]
+
+
 def test_resume_under_another_layout_is_refused(forked):
     assert forked["mismatch"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ GRPO, SFT
-@pytest.mark.parametrize("name", ["grpo_tp2", "grpo_ep2"])
+@pytest.mark.parametrize("name", ["grpo_tp2", "grpo_ep2", "grpo_fsdp"])
 def test_grpo_step_matches_one_process(single, forked, name):
     ref, got = _metrics(single["grpo"]), _metrics(forked[name])
     assert [r["step"] for r in got] == [0, 1]
@@ -211,7 +237,8 @@ def test_grpo_step_matches_one_process(single, forked, name):
     for key in GRPO_KEYS:
         assert abs(got[1][key] - ref[1][key]) < TOL, (key, got[1][key], ref[1][key])
     assert got[1]["logp_diff_max"] <= TOL
-    assert got[1]["comm/all_reduce_bytes"] > 0
+    if name != "grpo_fsdp":  # FSDP's own all-gathers / reduce-scatters are not in comm_stats
+        assert got[1]["comm/all_reduce_bytes"] > 0
     assert (got[1]["comm/all_to_all_bytes"] > 0) == (name == "grpo_ep2")
     assert _weights_diff(os.path.join(single["grpo"], "final"), os.path.join(forked[name], "final")) < TOL
 

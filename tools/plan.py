@@ -1,7 +1,7 @@
 """Size a parallel layout before launching it: per-rank memory and per-step communication.
 
     python -m tools.plan --config tiny|deepseek-v3|path/config.json --gpus N --tp T --ep E [--ep-borrows-tp]
-                         [--batch-tokens B] [--seq-len S] [--dtype bf16] [--json]
+                         [--fsdp] [--batch-tokens B] [--seq-len S] [--dtype bf16] [--json]
 
 The parameter, gradient and optimizer numbers are exact: the model is built on the "meta" device and sharded by
 model/parallel's own `parallelize` (a dry-run layout without process groups), so they follow the same plan as a
@@ -12,6 +12,11 @@ counters of real runs). Wire traffic depends on the algorithm (a ring all-reduce
 
 Activation memory is an estimate (no recomputation, fused attention: no T x T scores kept); the KV cache is the
 MLA latent cache, replicated on every TP rank.
+
+--fsdp (FSDP2 over the DP ranks for the non-expert parameters, model/parallel/fsdp.py): parameters, gradients and
+optimizer states of those are counted as this rank's dim-0 chunk; the largest block's gathered parameters are
+added as the transient peak; their gradient all-reduce becomes a reduce-scatter (payload: the full gradient) and
+each step all-gathers them twice (forward, and again for backward after resharding; payload: the gathered size).
 """
 
 from __future__ import annotations
@@ -43,19 +48,35 @@ def shard_on_meta(config: ModelConfig, dims: ParallelDims) -> Transformer:
     return parallelize(model, Layout(dims, rank=0, init_groups=False))
 
 
-def parameter_counts(model: Transformer) -> dict[str, int]:
-    """Local elements per rank: total, routed experts, and per gradient-reduction rule."""
+def _chunk(p: torch.Tensor, dp: int) -> int:
+    """Elements of rank 0's FSDP chunk of p (dim-0 chunks of ceil(rows / dp), as torch.chunk)."""
+    if p.dim() == 0:
+        return 1
+    return -(-p.shape[0] // dp) * (p.numel() // p.shape[0])
+
+
+def parameter_counts(model: Transformer, fsdp_dp: int = 1) -> dict[str, int]:
+    """Local elements per rank: total, routed experts, and per gradient-reduction rule. With fsdp_dp > 1 the
+    non-expert parameters count as their FSDP chunk, and "fsdp_gathered" is their whole (unsharded) size."""
     counts = {"total": 0, "routed_experts": 0, **{rule: 0 for rule in GRAD_RULES}}
+    if fsdp_dp > 1:
+        counts.update(fsdp_gathered=0, fsdp_largest_unit=max(
+            sum(p.numel() for n, p in block.named_parameters() if ".experts." not in f".{n}")
+            for block in list(model.layers) + [m.block for m in model.mtp]))
     seen = set()
     plan = model.parallel_plan
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        counts["total"] += p.numel()
-        counts[plan.spec(name).grad] += p.numel()
+        held = p.numel()
         if ".experts." in name:
             counts["routed_experts"] += p.numel()
+        elif fsdp_dp > 1:
+            counts["fsdp_gathered"] += p.numel()
+            held = _chunk(p, fsdp_dp)
+        counts["total"] += held
+        counts[plan.spec(name).grad] += held
     return counts
 
 
@@ -86,10 +107,16 @@ def step_communication(config: ModelConfig, dims: ParallelDims, params: dict[str
         rows = -(-N // dims.tp) * K  # TP rank 0's chunk of the replica's tokens, K rows each
         out["ep_all_to_all"] = moe * (E * 8 + 4 * rows * D * act_bytes)  # counts; dispatch+combine, fwd+bwd
     grads = 0
-    for rule, groups in (("dp", (dims.dp,)), ("dp+tp", (dims.dp, dims.tp)), ("edp", (dims.edp,))):
+    fsdp = dims.fsdp and dims.dp > 1
+    rules = (("dp+tp", (dims.tp,)), ("edp", (dims.edp,))) if fsdp else (
+        ("dp", (dims.dp,)), ("dp+tp", (dims.dp, dims.tp)), ("edp", (dims.edp,)))
+    for rule, groups in rules:
         grads += sum(params[rule] * grad_bytes for size in groups if size > 1)
     if grads:
         out["dp_grad_all_reduce"] = grads
+    if fsdp:
+        out["fsdp_all_gather"] = 2 * params["fsdp_gathered"] * act_bytes
+        out["fsdp_reduce_scatter"] = params["fsdp_gathered"] * grad_bytes
     if dims.dp > 1 and moe:
         out["expert_load_all_reduce"] = moe * E * 4
     out["all_reduce"] = sum(v for k, v in out.items() if "all_reduce" in k)
@@ -119,20 +146,21 @@ def activation_bytes(config: ModelConfig, dims: ParallelDims, tokens: int, act_b
 
 
 def plan(config: ModelConfig, gpus: int, tp: int, ep: int, batch_tokens: int, seq_len: int,
-         dtype: str = "bf16", ep_borrows_tp: bool = False) -> dict:
-    dims = ParallelDims(gpus, tp, ep, ep_borrows_tp)
+         dtype: str = "bf16", ep_borrows_tp: bool = False, fsdp: bool = False) -> dict:
+    dims = ParallelDims(gpus, tp, ep, ep_borrows_tp, fsdp)
     dims.validate(config)
     if batch_tokens % (dims.dp * seq_len):
         raise ParallelConfigError(f"--batch-tokens {batch_tokens} must be a multiple of dp * seq_len = "
                                   f"{dims.dp} * {seq_len}")
     nbytes = DTYPE_BYTES[dtype]
     model = shard_on_meta(config, dims)
-    params = parameter_counts(model)
+    params = parameter_counts(model, dims.dp if fsdp else 1)
     tokens = batch_tokens // dims.dp
     latent = config.kv_lora_rank + config.qk_rope_head_dim
     layers = config.num_hidden_layers
     return {
         "layout": {"world": gpus, "dp": dims.dp, "tp": tp, "ep": ep, "edp": dims.edp, "ep_borrows_tp": ep_borrows_tp,
+                   "fsdp": fsdp,
                    "rank0_groups": {"tp": dims.tp_ranks(0), "dp": dims.dp_ranks(0), "ep": dims.ep_ranks(0),
                                     "edp": dims.edp_ranks(0)}},
         "tokens_per_replica": tokens,
@@ -142,6 +170,7 @@ def plan(config: ModelConfig, gpus: int, tp: int, ep: int, batch_tokens: int, se
             "grads": params["total"] * nbytes,
             "optimizer_adamw": 2 * params["total"] * nbytes,  # torch AdamW keeps exp_avg/exp_avg_sq in param dtype
             "activations_estimate": activation_bytes(config, dims, tokens, nbytes),
+            **({"fsdp_gathered_block": params["fsdp_largest_unit"] * nbytes} if "fsdp_largest_unit" in params else {}),
             "kv_cache_per_token": latent * layers * nbytes,
             "kv_cache_for_batch_tokens": latent * layers * nbytes * tokens,
         },
@@ -162,15 +191,17 @@ def render(p: dict, dtype: str) -> str:
     g = lay["rank0_groups"]
     borrows = "TP then DP ranks" if lay["ep_borrows_tp"] else "DP ranks"
     lines = [(f"layout: world {lay['world']} = dp {lay['dp']} x tp {lay['tp']}; ep {lay['ep']} borrows {borrows} "
-              f"(each expert held by {lay['edp']} ranks)"),
+              f"(each expert held by {lay['edp']} ranks)"
+              + ("; FSDP2 chunks the non-expert parameters over DP" if lay.get("fsdp") else "")),
              f"  rank 0 groups: TP {g['tp']}  DP {g['dp']}  EP {g['ep']}  EDP {g['edp']}",
              (f"parameters per rank: {params['total'] / 1e6:,.2f} M ({params['routed_experts'] / 1e6:,.2f} M in "
               f"routed experts)"),
              f"memory per rank ({dtype} weights, grads and AdamW states):"]
     total = 0
-    for key in ("params", "grads", "optimizer_adamw", "activations_estimate"):
-        lines.append(f"  {key:<28}{_fmt(mem[key]):>14}")
-        total += mem[key]
+    for key in ("params", "grads", "optimizer_adamw", "activations_estimate", "fsdp_gathered_block"):
+        if key in mem:
+            lines.append(f"  {key:<28}{_fmt(mem[key]):>14}")
+            total += mem[key]
     lines.append(f"  {'total (training)':<28}{_fmt(total):>14}")
     lines.append(f"  {'kv cache per token':<28}{_fmt(mem['kv_cache_per_token']):>14}   "
                  f"({_fmt(mem['kv_cache_for_batch_tokens'])} for {p['tokens_per_replica']} tokens)")
@@ -192,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides gpus / tp)")
     p.add_argument("--ep-borrows-tp", action="store_true",
                    help="let the EP group span TP ranks (ep | tp or tp | ep): experts split over TP as well")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2-shard the non-expert parameters over the data-parallel ranks")
     p.add_argument("--batch-tokens", type=int, default=None, help="global tokens per step (default: dp * seq-len)")
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weight/activation dtype")
@@ -203,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        dp = ParallelDims(args.gpus, args.tp, args.ep, args.ep_borrows_tp).dp
+        dp = ParallelDims(args.gpus, args.tp, args.ep, args.ep_borrows_tp, args.fsdp).dp
         batch = args.batch_tokens if args.batch_tokens is not None else dp * args.seq_len
-        result = plan(config, args.gpus, args.tp, args.ep, batch, args.seq_len, args.dtype, args.ep_borrows_tp)
+        result = plan(config, args.gpus, args.tp, args.ep, batch, args.seq_len, args.dtype, args.ep_borrows_tp,
+                      args.fsdp)
     except (ConfigError, ParallelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from model import load_model, save_model
 from model.checkpoint import write_model
 from model.parallel import consolidate, load_sharded, save_sharded
+from model.parallel.fsdp import is_sharded, local, wrap_like
 
 from .distributed import DistInfo, barrier, broadcast_object
 
@@ -78,8 +79,8 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer, path: str) -> None:
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            if torch.is_tensor(value):  # an FSDP state is saved as this rank's chunk (resume needs the same layout)
+                tensors[f"{idx}.{name}"] = local(value).detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = value
     save_file(tensors, os.path.join(path, "optimizer.safetensors"))
@@ -98,12 +99,22 @@ def _optimizer_from_files(optimizer: torch.optim.Optimizer, path: str) -> None:
     for group in meta["param_groups"]:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, entries in state.items():
+        p = params[idx] if idx < len(params) else None
+        if p is not None and is_sharded(p):  # rewrap this rank's chunks as the parameter's DTensor
+            for name, value in entries.items():
+                if torch.is_tensor(value) and value.shape == local(p).shape and value.dim() > 0:
+                    entries[name] = wrap_like(value.to(local(p).device), p)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def _layout_record(dist: DistInfo) -> dict:
     d = dist.layout.dims
-    return {"world_size": d.world_size, "tp": d.tp, "ep": d.ep, "ep_borrows_tp": d.ep_borrows_tp}
+    record = {"world_size": d.world_size, "tp": d.tp, "ep": d.ep, "ep_borrows_tp": d.ep_borrows_tp}
+    if d.fsdp:
+        record["fsdp"] = True
+    return record
 
 
 def _rank_dir(path: str, rank: int) -> str:

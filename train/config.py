@@ -59,6 +59,7 @@ class ParallelismConfig:
     tp: int = 1  # tensor-parallel degree
     ep: int = 1  # expert-parallel degree (borrowed from the data-parallel ranks)
     ep_borrows_tp: bool = False  # let the EP group span TP ranks too (experts split over TP as well)
+    fsdp: bool = False  # FSDP2-shard the non-expert parameters over the data-parallel ranks (memory, not speed)
 
 
 TOP_LEVEL = ("run_dir", "seed", "resume")

@@ -90,18 +90,21 @@ class DistInfo:
 
     def describe(self) -> str:
         return (f"world {self.world} = dp {self.dp} x tp {self.tp}, ep {self.ep}"
+                + (", fsdp" if self.layout.dims.fsdp else "")
                 + (f" ({self.mp_groups} model-parallel groups of {self.mp})" if self.sharded else ""))
 
 
-def init_distributed(tp: int = 1, ep: int = 1, ep_borrows_tp: bool = False, timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(tp: int = 1, ep: int = 1, ep_borrows_tp: bool = False, timeout_s: float = 600.0,
+                     fsdp: bool = False) -> DistInfo:
     """Initialise torch.distributed from torchrun's environment (nothing for a single process) and build the layout.
 
     Raises JobConfigError naming the fix when tp/ep do not fit the world size (before touching the network)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        layout = _init_layout(tp, ep, ep_borrows_tp, timeout_s=timeout_s)
+        layout = _init_layout(tp, ep, ep_borrows_tp, timeout_s=timeout_s, fsdp=fsdp)
     except ParallelConfigError as e:
-        raise JobConfigError(f"--parallelism.tp {tp} --parallelism.ep {ep} with {world} process"
+        raise JobConfigError(f"--parallelism.tp {tp} --parallelism.ep {ep}{' --parallelism.fsdp true' if fsdp else ''} "
+                             f"with {world} process"
                              f"{'es' if world != 1 else ''}: {e}") from None
     if layout.world_size == 1:
         return DistInfo(layout=layout)

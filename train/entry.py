@@ -27,7 +27,7 @@ def run_job(config_cls, argv: list[str] | None, prog: str, description: str, bod
         torch.set_num_threads(threads(cfg))
     p = cfg.parallelism
     try:
-        dist = init_distributed(p.tp, p.ep, p.ep_borrows_tp)
+        dist = init_distributed(p.tp, p.ep, p.ep_borrows_tp, fsdp=p.fsdp)
     except JobConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from model.parallel.fsdp import is_sharded
+
 from .config import OptimizerConfig
 
 
@@ -34,7 +36,13 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict]:
                 no_decay.append(p)
             else:
                 decay.append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if any(is_sharded(p) for p in decay + no_decay):
+        # FSDP's DTensor parameters in groups of their own: a foreach step cannot mix DTensors and plain tensors
+        # (the routed experts stay plain under FSDP)
+        groups = [{**g, "params": [p for p in g["params"] if is_sharded(p) == sharded]}
+                  for sharded in (False, True) for g in groups]
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:

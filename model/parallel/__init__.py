@@ -2,7 +2,8 @@
 
 Trainer-facing API:
     layout = init_distributed(tp=2, ep=2)           # from torchrun's env; world size 1 initialises nothing
-                                                    # (ep_borrows_tp=True lets EP span TP ranks, layout.py)
+                                                    # (ep_borrows_tp=True lets EP span TP ranks, layout.py;
+                                                    #  fsdp=True adds FSDP2 over DP for non-expert params, fsdp.py)
     model = parallelize(Transformer(cfg), layout)   # same seed / checkpoint on every rank first
     batch = global_batch[layout.batch_slice(B)]
     loss = model(ids, labels=labels).loss; loss.backward()

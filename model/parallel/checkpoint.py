@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from ..checkpoint import CheckpointError, checkpoint_files, replace_dir, save_model
 from ..config import ModelConfig
 from ..transformer import Transformer
+from .fsdp import apply_fsdp, is_sharded, local, shard_like, unshard
 from .layout import Layout
 from .parallelize import parallelize
 from .plan import ParallelPlan, plan_of
@@ -45,8 +46,11 @@ def _barrier(layout: Layout | None) -> None:
         dist.barrier()
 
 
-def _stored_keys(model: Transformer) -> dict[str, torch.Tensor]:
+def _stored_keys(model: Transformer, gather: bool = True) -> dict[str, torch.Tensor]:
+    """State-dict entries written to disk; FSDP chunks gathered to the rank's whole tensor (collective) if asked."""
     state = model.state_dict()
+    if gather:
+        state = {k: unshard(v) for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as embed_tokens.weight
     return state
@@ -124,7 +128,7 @@ def load_sharded(model: Transformer, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     manifest = _read_manifest(path)
     plan = plan_of(model)
-    state = _stored_keys(model)
+    state = _stored_keys(model, gather=False)
     missing = sorted(set(state) - set(manifest["tensors"]))
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -141,7 +145,8 @@ def load_sharded(model: Transformer, path: str | os.PathLike) -> None:
             if tuple(entry["shape"]) != plan.global_shapes[name]:
                 raise CheckpointError(f"{path}: `{name}` has global shape {tuple(entry['shape'])}, the model "
                                       f"expects {plan.global_shapes[name]}")
-            target.copy_(_read_box(open_file, name, entry, plan, target.shape))
+            box = _read_box(open_file, name, entry, plan, target.shape)
+            local(target).copy_(shard_like(box, target) if is_sharded(target) else box)
 
 
 def _read_box(open_file, name: str, entry: dict, plan: ParallelPlan, local_shape) -> torch.Tensor:
@@ -191,8 +196,10 @@ def load_parallel(path: str | os.PathLike, layout: Layout, device: torch.device 
     config = ModelConfig.from_json(os.path.join(path, "config.json"))
     with torch.device("meta"):
         model = Transformer(config)
-    model = _materialize(parallelize(model, layout), device)
+    model = _materialize(parallelize(model, layout, fsdp=False), device)
     load_sharded(model, path)
+    if layout.dims.fsdp:
+        apply_fsdp(model, layout)  # chunks the loaded tensors over DP; the rank's whole copies are freed
     return model
 
 

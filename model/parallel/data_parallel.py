@@ -9,6 +9,7 @@ A trainer calls, per optimizer step:
 
 Gradients are flattened into one buffer per reduction rule (one all-reduce per rule and group, whatever the
 parameter count). Parameters without a gradient reduce zeros, so every rank issues the same collectives.
+FSDP-sharded parameters (fsdp.py) arrive averaged over DP by FSDP's reduce-scatter; only their TP sum is left.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .collectives import all_reduce_sum_
+from .fsdp import is_sharded, local, unshard
 from .layout import Layout
 from .plan import GRAD_RULES, plan_of
 
@@ -33,9 +35,24 @@ def sync_gradients(model: nn.Module, layout: Layout) -> None:
         return
     plan = plan_of(model)
     buckets: dict[str, list[nn.Parameter]] = {rule: [] for rule in GRAD_RULES}
+    fsdp_partial_over_tp: list[nn.Parameter] = []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            buckets[plan.spec(name).grad].append(p)
+        if not p.requires_grad:
+            continue
+        if is_sharded(p):  # FSDP already averaged it over DP
+            if plan.spec(name).grad == "dp+tp":
+                fsdp_partial_over_tp.append(p)
+            continue
+        buckets[plan.spec(name).grad].append(p)
+    if fsdp_partial_over_tp and layout.tp > 1:
+        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in fsdp_partial_over_tp]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_sum_(flat, layout.tp_group)
+        offset = 0
+        for p, g in zip(fsdp_partial_over_tp, grads):
+            if p.grad is not None:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
     for rule, params in buckets.items():
         if not params:
             continue
@@ -57,10 +74,17 @@ def grad_norm(model: nn.Module, layout: Layout) -> torch.Tensor:
     """L2 norm of the full gradient, counting each distinct shard once (call after sync_gradients)."""
     plan = plan_of(model)
     sq = {None: 0.0, "tp": 0.0, "ep": 0.0}
+    fsdp_sq = {None: 0.0, "tp": 0.0, "ep": 0.0}  # FSDP chunks: distinct over DP as well
     for name, p in model.named_parameters():
         if p.grad is not None:
-            sq[plan.spec(name).axis] = sq[plan.spec(name).axis] + p.grad.detach().float().pow(2).sum()
+            target = fsdp_sq if is_sharded(p.grad) else sq
+            axis = plan.spec(name).axis
+            target[axis] = target[axis] + local(p.grad).detach().float().pow(2).sum()
     sq = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in sq.items()}
+    if any(is_sharded(p) for p in model.parameters()):
+        fsdp_sum = torch.stack([torch.as_tensor(fsdp_sq[k], dtype=torch.float32) for k in (None, "tp", "ep")])
+        all_reduce_sum_(fsdp_sum, layout.dp_group)
+        sq = {k: sq[k] + fsdp_sum[i] for i, k in enumerate((None, "tp", "ep"))}
     if layout.world_size > 1:
         all_reduce_sum_(sq["tp"], layout.tp_group)
         all_reduce_sum_(sq["ep"], layout.ep_group)
@@ -74,7 +98,7 @@ def clip_grad_norm_(model: nn.Module, layout: Layout, max_norm: float) -> torch.
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.mul_(scale.to(p.grad.dtype))
+            local(p.grad).mul_(scale.to(p.grad.dtype))
     return norm
 
 
@@ -89,6 +113,7 @@ def gather_full(model: nn.Module, layout: Layout, grads: bool = False) -> dict[s
             if name not in params or params[name].grad is None:
                 continue
             t = params[name].grad
+        t = unshard(t)
         spec = plan.spec(name)
         size = plan.axis_size(spec.axis)
         if size > 1:

@@ -51,6 +51,7 @@ class ParallelDims:
     tp: int = 1
     ep: int = 1
     ep_borrows_tp: bool = False
+    fsdp: bool = False  # FSDP2-shard the non-expert parameters over the DP group (model/parallel/fsdp.py)
 
     def __post_init__(self):
         W, tp, ep = self.world_size, self.tp, self.ep
@@ -69,6 +70,10 @@ class ParallelDims:
             raise ParallelConfigError(
                 f"ep={ep} with ep_borrows_tp needs ep to divide world_size={W} and to divide or be a multiple "
                 f"of tp={tp}, so EP groups line up with TP groups")
+        if self.fsdp and W > 1 and dp == 1:
+            raise ParallelConfigError(
+                f"fsdp shards parameters over the data-parallel ranks, but dp = world_size {W} / tp {tp} = 1; "
+                f"use fewer TP ranks (tp < {W}) or turn fsdp off")
 
     @property
     def dp(self) -> int:
@@ -117,11 +122,12 @@ class ParallelDims:
         """The model-parallel group of `rank`: every rank joined to it by TP or EP collectives (the closure of both
         groups). Its ranks must run the same forward passes, in the same number; a generator must give them the same
         prompts and sampling seed. It is a block of consecutive ranks holding whole DP replicas: tp * ep ranks by
-        default (DP replicas f*ep .. f*ep + ep - 1), max(tp, ep) with ep_borrows_tp."""
+        default (DP replicas f*ep .. f*ep + ep - 1), max(tp, ep) with ep_borrows_tp; the whole world with fsdp
+        (FSDP's all-gathers join the DP ranks too)."""
         seen, todo = {rank}, [rank]
         while todo:
             r = todo.pop()
-            for q in self.tp_ranks(r) + self.ep_ranks(r):
+            for q in self.tp_ranks(r) + self.ep_ranks(r) + (self.dp_ranks(r) if self.fsdp else []):
                 if q not in seen:
                     seen.add(q)
                     todo.append(q)
@@ -211,8 +217,9 @@ class Layout:
 
     @property
     def sharded(self) -> bool:
-        """True when parameters are split over ranks (tp > 1 or ep > 1): checkpoints are then sharded."""
-        return self.tp > 1 or self.ep > 1
+        """True when parameters are split over ranks (tp > 1, ep > 1 or fsdp over dp > 1): checkpoints are then
+        sharded (per-rank optimizer states)."""
+        return self.tp > 1 or self.ep > 1 or (self.dims.fsdp and self.dp > 1)
 
     def batch_slice(self, global_batch_size: int) -> slice:
         """The rows of a global batch this rank trains on (TP ranks of one DP replica share rows)."""
@@ -234,30 +241,32 @@ class Layout:
 
     def __repr__(self) -> str:
         return (f"Layout(world={self.world_size}, dp={self.dp}, tp={self.tp}, ep={self.ep}"
-                f"{', ep_borrows_tp' if self.dims.ep_borrows_tp else ''}, rank={self.rank}, d={self.dp_rank}, "
+                f"{', ep_borrows_tp' if self.dims.ep_borrows_tp else ''}{', fsdp' if self.dims.fsdp else ''}, "
+                f"rank={self.rank}, d={self.dp_rank}, "
                 f"t={self.tp_rank}, e={self.ep_rank})")
 
 
-def build_layout(tp: int = 1, ep: int = 1, ep_borrows_tp: bool = False, device_type: str = "cpu") -> Layout:
+def build_layout(tp: int = 1, ep: int = 1, ep_borrows_tp: bool = False, device_type: str = "cpu",
+                 fsdp: bool = False) -> Layout:
     """Layout over the already-initialised default process group (or a single process if there is none).
     Collective when the world is larger than 1: every rank calls it with the same arguments."""
     if is_distributed():
-        dims = ParallelDims(dist.get_world_size(), tp, ep, ep_borrows_tp)
+        dims = ParallelDims(dist.get_world_size(), tp, ep, ep_borrows_tp, fsdp)
         return Layout(dims, dist.get_rank(), device_type)
-    return Layout(ParallelDims(1, tp, ep, ep_borrows_tp))
+    return Layout(ParallelDims(1, tp, ep, ep_borrows_tp, fsdp))
 
 
 def init_distributed(tp: int = 1, ep: int = 1, ep_borrows_tp: bool = False, backend: str | None = None,
-                     timeout_s: float = 600.0) -> Layout:
+                     timeout_s: float = 600.0, fsdp: bool = False) -> Layout:
     """Initialise torch.distributed from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR/PORT) and build the
     layout. With WORLD_SIZE unset or 1 nothing is initialised and the layout is single-process.
 
     backend: None picks nccl on CUDA machines (gloo for CPU tensors beside it) and gloo otherwise.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ParallelDims(world, tp, ep, ep_borrows_tp)  # validate before touching the network
+    ParallelDims(world, tp, ep, ep_borrows_tp, fsdp)  # validate before touching the network
     if world == 1:
-        return build_layout(tp, ep, ep_borrows_tp)
+        return build_layout(tp, ep, ep_borrows_tp, fsdp=fsdp)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
@@ -265,4 +274,4 @@ def init_distributed(tp: int = 1, ep: int = 1, ep_borrows_tp: bool = False, back
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return build_layout(tp, ep, ep_borrows_tp, device_type)
+    return build_layout(tp, ep, ep_borrows_tp, device_type, fsdp)
