@@ -29,6 +29,7 @@ import importlib
 import math
 import multiprocessing
 import pickle
+import queue
 import re
 import signal
 import threading
@@ -381,9 +382,11 @@ class RewardRunner:
                  for fi in range(len(self.funcs)) for i in range(n)]
         if self.num_workers:
             self._run_in_workers(tasks, record)
-        else:
+        elif self.timeout_s is None:
             for fi, i, prompt, completion, fields in tasks:
-                record(fi, i, *self._run_in_process(self.funcs[fi], prompt, completion, fields))
+                record(fi, i, *_call_one(self.funcs[fi], prompt, completion, fields))
+        else:
+            self._run_in_thread(tasks, record)
         total = [sum(w * s[i] for w, s in zip(self.weights, scores)) for i in range(n)]
         return RewardResult(per_function=dict(zip(self.names, scores)), total=total,
                             errors=dict(zip(self.names, errors)), timeouts=dict(zip(self.names, timeouts)),
@@ -412,14 +415,29 @@ class RewardRunner:
 
     # -- in-process evaluation
 
-    def _run_in_process(self, fn, prompt, completion, fields) -> tuple[str, object]:
-        if self.timeout_s is None:
-            return _call_one(fn, prompt, completion, fields)
-        box: list = []
-        thread = threading.Thread(target=lambda: box.append(_call_one(fn, prompt, completion, fields)), daemon=True)
-        thread.start()
-        thread.join(self.timeout_s)
-        return box[0] if box else ("timeout", f"no result within {self.timeout_s} s (thread abandoned)")
+    def _run_in_thread(self, tasks, record) -> None:
+        """One daemon thread works through the calls in order; a call that does not answer within the limit is
+        scored as a timeout, its thread abandoned, and a fresh thread takes the calls after it (so a step starts one
+        thread, not one per call)."""
+        pending = deque(tasks)
+        while pending:
+            answers: queue.SimpleQueue = queue.SimpleQueue()  # a fresh queue: a late thread's answers go nowhere
+
+            def work(batch=list(pending), answers=answers):
+                for fi, i, prompt, completion, fields in batch:
+                    answers.put(_call_one(self.funcs[fi], prompt, completion, fields))
+
+            threading.Thread(target=work, daemon=True).start()
+            while pending:
+                fi, i, *_ = pending[0]
+                try:
+                    status, value = answers.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    pending.popleft()
+                    record(fi, i, "timeout", f"no result within {self.timeout_s} s (thread abandoned)")
+                    break
+                pending.popleft()
+                record(fi, i, status, value)
 
     # -- worker processes
 
