@@ -5,7 +5,7 @@
 Measures, for both models (and the ratio seekstack / transformers):
   1. training step tokens/s: forward + backward + torch.optim.AdamW step on a B x T batch, labels = input ids;
   2. prefill tokens/s: eval-mode forward under no_grad over a B x T batch (all positions' logits, no cache);
-  3. batched sampled decode tokens/s: N prompts of P tokens, G new tokens each by plain multinomial sampling
+  3. batched sampled decode tokens/s: N prompts of P tokens, G new tokens each by plain sampling from the softmax
      (temperature 1, no top-k/top-p), EOS disabled; generated tokens (N * G) over the wall time of the whole
      generate call, prefill included;
   4. KV-cache bytes per token per layer (seekstack: its latent cache; transformers: measured on the
