@@ -105,7 +105,8 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H, nope, c], [H, v, c]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, H, c]
+        # per-head q^C W^UK as one batched matmul over heads ([H, B*T, nope] x [H, nope, c]); cheaper than einsum
+        q_lat = torch.bmm(q_nope.flatten(0, 1).transpose(0, 1), w_uk).transpose(0, 1).unflatten(0, (B, T))
         # Heads fold into the query axis: one [T*H, c + rope] x [c + rope, S] matmul per sequence.
         q = torch.cat((q_lat, q_pe), dim=-1).flatten(1, 2)
         if mask is None:
@@ -115,5 +116,6 @@ class MLA(nn.Module):
             bias = bias.transpose(1, 2).expand(B, T, H, -1).flatten(1, 2)
             scores = torch.baddbmm(bias, q, latent.transpose(1, 2), alpha=self.softmax_scale).float()
         probs = scores.softmax(dim=-1).to(latent.dtype)  # [B, T*H, S]
-        o_lat = torch.bmm(probs, latent[..., : self.kv_lora_rank]).unflatten(1, (T, H))  # [B, T, H, c]
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv).flatten(2)
+        o_lat = torch.bmm(probs, latent[..., : self.kv_lora_rank]).view(B * T, H, -1)  # rows (b, t), then heads
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, B*T, v]: o_h W^UV_h^T
+        return o.transpose(0, 1).reshape(B, T, -1)

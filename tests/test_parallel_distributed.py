@@ -108,13 +108,13 @@ def _equivalence(ref, tp: int, ep: int, borrow: bool = False, **overrides) -> di
                 comm_per_rank_step=(comm / (STEPS * layout.world_size)).tolist(), model=model, layout=layout)
 
 
-def _grad_norm_case(tp: int, ep: int) -> float:
+def _grad_norm_case(tp: int, ep: int, fsdp: bool = False) -> float:
     """clip_grad_norm_ over shards equals torch's on the full model (global batch, one backward)."""
     ids = _global_batch()
     ref = _build()
     ref(ids, labels=ids).loss.backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-    layout = build_layout(tp=tp, ep=ep)
+    layout = build_layout(tp=tp, ep=ep, fsdp=fsdp)
     model = parallelize(_build(), layout)
     local = ids[layout.batch_slice(ids.shape[0])]
     model(local, labels=local).loss.backward()

@@ -14,13 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model.parallel import build_layout, clip_grad_norm_, gather_full, load_sharded, parallelize, save_sharded
-from model.parallel import sync_gradients
+from model.parallel import build_layout, gather_full, load_sharded, parallelize, save_sharded
 from model.parallel.fsdp import expert_parameters, is_sharded, local
 from model.parallel.layout import ParallelConfigError, ParallelDims
 from tests.distributed_helpers import run_distributed
-from tests.test_parallel_distributed import (TOL, _build, _generate, _global_batch, _max_diff, _reference,
-                                             _train)
+from tests.test_parallel_distributed import (TOL, _build, _generate, _global_batch, _grad_norm_case, _max_diff,
+                                             _reference, _train)
 
 pytestmark = pytest.mark.distributed
 
@@ -68,26 +67,10 @@ def _fresh():
     return Transformer(preset("tiny"))
 
 
-def _grad_norm_case(tp: int, ep: int) -> float:
-    ids = _global_batch()
-    ref = _build()
-    ref(ids, labels=ids).loss.backward()
-    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
-    layout = build_layout(tp=tp, ep=ep, fsdp=True)
-    model = parallelize(_build(), layout)
-    loc = ids[layout.batch_slice(ids.shape[0])]
-    model(loc, labels=loc).loss.backward()
-    sync_gradients(model, layout)
-    norm = clip_grad_norm_(model, layout, 0.5)
-    clipped = gather_full(model, layout, grads=True)
-    ref_grads = {k: p.grad for k, p in ref.named_parameters()}
-    return max(abs(float(norm - ref_norm)), _max_diff(clipped, {k: ref_grads[k] for k in clipped}))
-
-
 def _worker(rank, world, ref, ckpt_dir, cases):
     results = {name: _case(ref, tp, ep, ckpt_dir) for name, tp, ep in cases}
     name, tp, ep = cases[-1]
-    results[f"grad_norm_{name}"] = _grad_norm_case(tp, ep)
+    results[f"grad_norm_{name}"] = _grad_norm_case(tp, ep, fsdp=True)
     return results
 
 
