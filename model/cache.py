@@ -44,6 +44,12 @@ class LatentCache:
         self.length = end
         return start, position_ids
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences `rows` (indices into the current batch), e.g. to drop finished ones."""
+        self.latent = self.latent.index_select(1, rows)
+        self.valid = self.valid.index_select(0, rows)
+        self.next_position = self.next_position.index_select(0, rows)
+
     def attention_mask(self, start: int, end: int) -> torch.Tensor:
         """bool [B, 1, end - start, end]: query slot q sees key slot s iff s <= q and s is valid (itself always)."""
         device = self.valid.device

@@ -1,7 +1,8 @@
 """Batched generation over the MLA latent cache: one prefill, then one absorbed-attention decode step per token.
 
 Prompts of any lengths are left-padded into one batch; each sequence stops at its own EOS (its later slots are
-masked out of attention and filled with the pad id). Sampling (temperature, top-k, top-p) draws from a
+masked out of attention and filled with the pad id), and once a quarter of the batch has stopped, the stopped
+sequences leave the batch and the cache, so decoding cost follows the sequences still generating. Sampling (temperature, top-k, top-p) draws from a
 `torch.Generator`, so the same seed gives the same tokens. For every sampled token the log-probability under the
 model's temperature-scaled distribution, log softmax(logits / T)[token] (before top-k/top-p truncation, as GRPO's
 importance ratio needs), is returned; greedy decoding reports log softmax(logits).
@@ -67,6 +68,11 @@ def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None
     return (logits.float() - u.log_().neg_().log_()).argmax(dim=-1)
 
 
+# Finished sequences leave the decode batch once they are a quarter of it: their rows of the latent cache are dropped
+# (one copy of the cache), so later steps compute only the sequences still generating.
+COMPACT_AT = 0.75
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False, eos_token_id: int | list[int] | None = None,
@@ -108,19 +114,25 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
+    rows = torch.arange(B, device=device)  # the sequences in the decode batch (and cache), in order
     try:
         logits = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         for t in range(max_new_tokens):
             tokens, lp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
-            active = ~finished
-            completion_ids[:, t] = torch.where(active, tokens, pad)
-            completion_mask[:, t] = active
-            logprobs[:, t] = torch.where(active, lp, 0.0)
+            active = ~finished[rows]
+            completion_ids[rows, t] = torch.where(active, tokens, pad)
+            completion_mask[rows, t] = active
+            logprobs[rows, t] = torch.where(active, lp, 0.0)
             if len(eos):
-                finished |= active & torch.isin(tokens, eos_t)
+                finished[rows] = ~active | torch.isin(tokens, eos_t)
             if t + 1 == max_new_tokens or bool(finished.all()):
                 break
-            logits = model(completion_ids[:, t:t + 1], attention_mask=(~finished)[:, None], cache=cache,
+            alive = ~finished[rows]
+            if int(alive.sum()) <= COMPACT_AT * len(rows):  # stop computing finished sequences
+                keep = alive.nonzero().squeeze(1)
+                cache.keep_rows(keep)
+                rows, alive = rows[keep], alive[keep]
+            logits = model(completion_ids[rows, t:t + 1], attention_mask=alive[:, None], cache=cache,
                            logits_to_keep=1).logits[:, -1]
     finally:
         model.train(was_training)

@@ -106,3 +106,27 @@ def test_gumbel_argmax_draws_from_the_softmax_and_never_a_masked_token():
     torch.testing.assert_close(freq, logits.double().softmax(-1), rtol=0, atol=0.005)
     again = gumbel_argmax(logits.expand(n, -1).contiguous(), torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
+
+
+def test_dropping_finished_sequences_changes_nothing(monkeypatch):
+    """Finished sequences leave the decode batch (and the latent cache); the others' tokens and log-probs are those
+    of a run that keeps every sequence to the end."""
+    import model.generate as gen
+
+    model = _model()
+    prompts = [[3, 4, 5], [9, 10, 11, 12], [7], [20, 21], [5, 6, 7, 8, 9], [30]]
+    free = generate(model, prompts, 10, greedy=True, eos_token_id=[])
+    # EOS = tokens that stop several sequences at different steps
+    eos = sorted({c[k] for c, k in zip(free.completions(), (1, 2, 4))})
+    calls = []
+    real_keep = gen.LatentCache.keep_rows
+    monkeypatch.setattr(gen.LatentCache, "keep_rows", lambda self, rows: calls.append(len(rows)) or
+                        real_keep(self, rows))
+    compacted = generate(model, prompts, 10, greedy=True, eos_token_id=eos)
+    monkeypatch.setattr(gen, "COMPACT_AT", 0.0)  # never compact
+    full = generate(model, prompts, 10, greedy=True, eos_token_id=eos)
+    assert calls, "no sequence left the batch: pick other EOS tokens"
+    assert compacted.completions() == full.completions()
+    assert torch.equal(compacted.completion_mask, full.completion_mask)
+    assert torch.equal(compacted.finished, full.finished)
+    torch.testing.assert_close(compacted.logprobs, full.logprobs, rtol=0, atol=1e-5)
