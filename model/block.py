@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cache import LatentCache
 from .config import ModelConfig
 from .mla import MLA
 from .mlp import MLP
@@ -22,9 +23,12 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: torch.Tensor | None = None, start: int = 0,
+                cache: LatentCache | None = None, start: int = 0,
                 balance_alpha: float = 0.0) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, mask, cache, start)
+        # The cache object, not this layer's tensor, is the argument: wrappers that hook a module's tensor inputs
+        # (FSDP2) would otherwise hand MLA a view it may not write into.
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, mask, layer_cache, start)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(h, balance_alpha)

@@ -3,6 +3,10 @@
 Memory per token per layer = (kv_lora_rank + qk_rope_head_dim) * dtype size, the MLA minimum (576 values for V3
 against H * (192 + 128) = 40960 for a per-head K/V cache). Slots are preallocated; `valid` marks which slots hold
 real tokens (left padding and finished sequences stay masked), `next_position` is each sequence's next RoPE position.
+
+Each layer's slots are a tensor of their own (`layers[i]`, [B, max_len, width]): a forward with gradients (e.g. GRPO's
+shared-prompt pass, rl/grpo.py) writes every layer's slots in place after earlier layers saved views of theirs for
+backward, which one tensor for all layers would forbid.
 """
 
 from __future__ import annotations
@@ -17,17 +21,22 @@ class LatentCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         num_layers = config.num_hidden_layers if num_layers is None else num_layers
         width = config.kv_lora_rank + config.qk_rope_head_dim
-        self.latent = torch.zeros(num_layers, batch_size, max_len, width, dtype=dtype, device=device)
+        self.layers = [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0  # slots [0, length) are filled
 
     @property
     def max_len(self) -> int:
-        return self.latent.shape[2]
+        return self.layers[0].shape[1]
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """A stacked copy of every layer's slots, [num_layers, B, max_len, width] (for inspection)."""
+        return torch.stack(self.layers)
 
     def bytes_per_token_per_layer(self) -> int:
-        return self.latent.shape[-1] * self.latent.element_size()
+        return self.layers[0].shape[-1] * self.layers[0].element_size()
 
     def reserve(self, attention_mask: torch.Tensor | None, num_tokens: int) -> tuple[int, torch.Tensor]:
         """Claim the next `num_tokens` slots for new tokens; returns (start slot, their position ids [B, T])."""
@@ -45,8 +54,9 @@ class LatentCache:
         return start, position_ids
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the sequences `rows` (indices into the current batch), e.g. to drop finished ones."""
-        self.latent = self.latent.index_select(1, rows)
+        """Re-batch to the sequences `rows` (indices into the current batch): drop finished ones, or repeat a
+        shared prompt's slots for each of its continuations. Differentiable (index_select)."""
+        self.layers = [layer.index_select(0, rows) for layer in self.layers]
         self.valid = self.valid.index_select(0, rows)
         self.next_position = self.next_position.index_select(0, rows)
 

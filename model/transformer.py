@@ -104,9 +104,8 @@ class Transformer(nn.Module):
         balance_alpha = self.config.aux_loss_alpha if labels is not None else 0.0
         h = self.embed_tokens(input_ids)
         loads, balance = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache.latent[i] if cache is not None else None
-            h, stats = layer(h, freqs_cis, mask, layer_cache, start, balance_alpha)
+        for layer in self.layers:
+            h, stats = layer(h, freqs_cis, mask, cache, start, balance_alpha)
             if stats is not None:
                 loads.append(stats.load)
                 if stats.balance_loss is not None:

@@ -52,6 +52,7 @@ from train.optim import build_optimizer, lr_at, set_lr
 from train.pretrain import load_for_layout, validate_parallelism
 from train.trainer import comm_metrics
 
+from .logprobs import completion_logprobs
 from .loss import LOSS_TYPES, SCALE_REWARDS, LossStats, group_advantages, grpo_loss, loss_normalizer
 from .rewards import RewardRunner
 from .sources import build_source
@@ -93,6 +94,7 @@ class GRPOHyper:
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False  # DAPO: drop zero-spread groups and refill
     max_refills: int = 3
+    share_prompts: bool = True  # one forward per distinct prompt in the update, not G (rl/logprobs.py)
     threads: int = 0
 
 
@@ -150,20 +152,6 @@ class GRPOConfig:
 
 
 # ------------------------------------------------------------------------------------------------ rollout helpers
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float):
-    """log softmax(logits / T) of each completion token under `model` (training path, full sequences), and the
-    per-token entropy. Returns ([B, N], [B, N])."""
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    N = completion_ids.shape[1]
-    # Only the N positions that predict completion tokens need the output head (the last one predicts nothing).
-    logits = model(ids, attention_mask=mask, logits_to_keep=N + 1).logits[:, :N].float() / temperature
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
 class TextCodec:
     """Token ids <-> text with the checkpoint's tokenizer; completions drop EOS/padding, keep tag tokens."""
 
@@ -312,7 +300,7 @@ class GRPOTrainer:
         if self.reference is not None:
             with torch.no_grad():
                 ref_logp = completion_logprobs(self.reference, out.prompt_ids, out.prompt_mask, out.completion_ids,
-                                               out.completion_mask, g.temperature)[0]
+                                               out.completion_mask, g.temperature, g.share_prompts)[0]
 
         t_train = time.perf_counter()
         stats, logp_diff, entropy_sum, loads_steps = LossStats(), 0.0, 0.0, []
@@ -331,7 +319,7 @@ class GRPOTrainer:
                 for mb in sl.split(g.micro_batch):
                     logp, entropy = completion_logprobs(self.policy, out.prompt_ids[mb], out.prompt_mask[mb],
                                                         out.completion_ids[mb], out.completion_mask[mb],
-                                                        g.temperature)
+                                                        g.temperature, g.share_prompts)
                     m = completion_mask[mb]
                     if it == 0:
                         diff = (logp.detach() - old_logp[mb]).abs()[out.completion_mask[mb]]

@@ -95,3 +95,47 @@ def test_missing_tokenizer_is_refused(tmp_path, capsys):
     save_model(Transformer(preset("tiny")), tmp_path / "m")
     assert main(["--model.init_from", str(tmp_path / "m"), "--run-dir", str(tmp_path / "r")]) == 1
     assert "tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+def test_shared_prompt_forward_equals_whole_rows(q_lora):
+    """rl/logprobs.py: one forward per distinct prompt (its latent cache repeated for the G completions) gives the
+    log-probs, entropies and gradients of running every [prompt; completion] row whole."""
+    from rl.logprobs import completion_logprobs, prompt_groups
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", **({} if q_lora else {"q_lora_rank": None})))
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.02)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]  # 3 groups of G = 3, left-padded to 4
+    G, N = 3, 6
+    P = max(map(len, prompts))
+    prompt_ids = torch.zeros(len(prompts) * G, P, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        prompt_ids[i * G:(i + 1) * G, P - len(p):] = torch.tensor(p)
+        prompt_mask[i * G:(i + 1) * G, P - len(p):] = True
+    completion_ids = torch.randint(3, 100, (len(prompts) * G, N), generator=g)
+    lengths = torch.tensor([6, 2, 4, 1, 6, 5, 3, 6, 2])
+    completion_mask = torch.arange(N)[None] < lengths[:, None]
+    completion_ids[~completion_mask] = 0  # padding after each completion's end
+
+    first, inverse = prompt_groups(prompt_ids, prompt_mask)
+    assert first.tolist() == [0, 3, 6] and inverse.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    results = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, entropy = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7,
+                                            share_prompts=share)
+        (logp * completion_mask).sum().backward()
+        results[share] = (logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                            if p.grad is not None})
+    (lp0, ent0, g0), (lp1, ent1, g1) = results[False], results[True]
+    torch.testing.assert_close(lp1[completion_mask], lp0[completion_mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent1[completion_mask], ent0[completion_mask], rtol=0, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
