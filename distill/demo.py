@@ -21,7 +21,7 @@
 
 Every student takes `budget` optimizer steps of `micro_batch` rows (the teacher's rows are the ~2/3 of the
 budget x micro_batch prompts it solves, so they are seen about 1.5 times; the on-policy student replaces a λ share
-of its rows by samples of the same prompts): the same rows per step, tokens within ~1%. `run_distillation_stage`
+of its rows by samples of the same prompts): the same rows per step, tokens within ~2.5%. `run_distillation_stage`
 is what tools.demo calls.
 """
 
