@@ -5,7 +5,8 @@ and then recovers the pruned model with logit distillation. `prune_teacher` is t
 DeepSeek-style teacher: embedding, final norm and head are copied; kept blocks are copied whole (MLA, norms, dense
 MLP, shared experts); in each kept MoE block only the `keep_experts` routed experts that received the most tokens
 on sample rows (`expert_usage`) stay, with their router rows and selection biases. Group-limited routing is
-switched off (n_group = topk_group = 1) since the kept experts no longer fill the groups, and MTP modules are
+switched off (n_group = topk_group = 1) since the kept experts no longer fill the groups (with one expert kept,
+the top-1 of 1 is plain `greedy` selection), and MTP modules are
 dropped (the distillation loss uses the main head only).
 """
 
@@ -63,6 +64,8 @@ def prune_teacher(teacher: Transformer, keep_layers: list[int], keep_experts: in
     if tc.is_moe and n_keep != E:
         d.update(n_routed_experts=n_keep, n_group=1, topk_group=1,
                  num_experts_per_tok=min(tc.num_experts_per_tok, n_keep))
+        if n_keep == 1:  # one expert is always the one chosen: no group score (it needs 2 per group) to compute
+            d.update(topk_method="greedy")
     student = Transformer(ModelConfig.from_dict(d, source="pruned teacher"))
     for name in ("embed_tokens", "norm", "lm_head"):
         getattr(student, name).load_state_dict(getattr(teacher, name).state_dict())

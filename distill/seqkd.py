@@ -57,11 +57,21 @@ def sample(teacher, tokenizer, problem_list: list[Problem], num_samples: int, *,
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(problem_list))]
 
 
+FILTERS = ("correct", "none")
+
+
 def run(teacher_dir: str, out: str, num_samples: int, *, num_prompts: int = 2000, seed: int = 0,
         max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-        sampler=None, log=print) -> dict:
-    """Write the filtered pairs to `out` (atomically); returns counts. `sampler` replaces `sample` (tests)."""
+        filter: str = "correct", sampler=None, log=print) -> dict:
+    """Write the filtered pairs to `out` (atomically); returns counts. `sampler` replaces `sample` (tests).
+
+    filter: "correct" keeps a completion only when it is correct and well formatted (rejection sampling);
+    "none" keeps every completion (plain teacher outputs: a teacher with no correct sample still gives rows).
+    """
     from tokenizers import Tokenizer
+
+    if filter not in FILTERS:
+        raise ValueError(f"filter is {filter!r}; use one of {', '.join(FILTERS)}")
 
     t0 = time.perf_counter()
     teacher, tok_path = load_teacher(teacher_dir)
@@ -72,9 +82,9 @@ def run(teacher_dir: str, out: str, num_samples: int, *, num_prompts: int = 2000
     rows, seen, n_correct_fmt = [], set(), 0
     for p, texts in zip(plist, completions):
         for text, ok in zip(texts, keep([p] * len(texts), texts)):
-            if not ok:
+            n_correct_fmt += ok
+            if not ok and filter == "correct":
                 continue
-            n_correct_fmt += 1
             if (p.question, text) in seen:
                 continue
             seen.add((p.question, text))
@@ -85,7 +95,7 @@ def run(teacher_dir: str, out: str, num_samples: int, *, num_prompts: int = 2000
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(tmp, out)
     total = len(plist) * num_samples
-    stats = {"prompts": len(plist), "samples": total, "kept": n_correct_fmt, "written": len(rows),
+    stats = {"prompts": len(plist), "samples": total, "kept": n_correct_fmt, "written": len(rows), "filter": filter,
              "kept_fraction": n_correct_fmt / max(total, 1),
              "prompts_covered": len({r["prompt"] for r in rows}), "seconds": time.perf_counter() - t0}
     log(f"seqkd: {total} teacher samples on {len(plist)} prompts, {n_correct_fmt} correct and well formatted "
@@ -105,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (then use --num-samples 1)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--filter", choices=FILTERS, default="correct",
+                   help="correct: keep correct, well-formatted samples only; none: keep every sample")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stats = run(args.teacher, args.out, args.num_samples, num_prompts=args.num_prompts, seed=args.seed,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr))
+                    batch_size=args.batch_size, filter=args.filter, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -224,6 +224,11 @@ def test_seqkd_keeps_only_correct_well_formatted_unique_samples(teacher_dir, tmp
     [(ids, _)] = encode_pairs(read_pairs(out)[:1], tok, "arithmetic", seq_len=256)
     doc = f"{plist[0].question}\n{plist[0].solution()}<|endoftext|>"
     assert ids == tok.encode(doc).ids
+    # filter "none" keeps every distinct completion (the duplicate once), correct or not
+    stats = seqkd.run(teacher_dir, out, 5, num_prompts=6, sampler=fake_sampler, filter="none", log=lambda m: None)
+    assert stats["kept"] == 12 and stats["written"] == 6 * 4 and len(open(out).read().splitlines()) == 24
+    with pytest.raises(ValueError, match="filter"):
+        seqkd.run(teacher_dir, out, 1, num_prompts=1, sampler=fake_sampler, filter="best", log=lambda m: None)
     # the real sampler runs end to end with a random teacher (which solves nothing)
     stats = seqkd.run(teacher_dir, out, 1, num_prompts=2, max_new_tokens=8, log=lambda m: None)
     assert stats["samples"] == 2 and stats["written"] == len(open(out).read().splitlines())
@@ -251,6 +256,10 @@ def test_pruned_student_is_cut_from_the_teacher(teacher_dir, tmp_path):
     assert all(torch.equal(v, dense_t[k]) for k, v in small.layers[0].state_dict().items())  # copied whole
     with pytest.raises(ValueError, match="keep_layers"):
         prune_teacher(teacher, [1, 0], 0)
+    one = prune_teacher(teacher, [0, 1], 1, usage)  # one expert: always chosen (greedy top-1 of 1)
+    assert one.config.n_routed_experts == 1 and one.config.topk_method == "greedy"
+    assert torch.equal(one.layers[1].mlp.experts.gate_up_proj, moe_t.experts.gate_up_proj[[3]])
+    assert one(ids).logits.shape == teacher(ids).logits.shape
     run = str(tmp_path / "pruned")
     assert distill_main(STUDENT + ["--teacher.path", teacher_dir, "--student.init", "prune", "--student.keep_layers",
                                    "1", "--student.keep_experts", "4", "--training.steps", "1",
@@ -262,10 +271,33 @@ def test_demo_stage_returns_the_four_accuracies(teacher_dir, tmp_path):
     from distill.demo import DemoSettings, run_distillation_stage
 
     s = DemoSettings(eval_problems=2, keep_layers=(0, 1), keep_experts=2, max_new_tokens=8, micro_batch=4,
-                     warmup_steps=1)
+                     warmup_steps=1, teacher_filter="none")  # a random teacher solves nothing: keep its rows all
     out = run_distillation_stage(teacher_dir, str(tmp_path / "demo"), seed=0, budget=2, settings=s, log=lambda m: None)
-    for key in ("accuracy_teacher", "accuracy_student_ce", "accuracy_student_kd", "accuracy_student_onpolicy"):
+    for key in ("accuracy_teacher", "accuracy_student_ce", "accuracy_student_seqkd", "accuracy_student_kd",
+                "accuracy_student_onpolicy"):
         assert 0.0 <= out[key] <= 1.0
     assert out["cache_bytes_per_token"] == 8 * 6 and out["cache_tokens"] > 0
-    assert out["tokens_seen_ce"] == out["tokens_seen_kd"]  # the same cached rows
+    assert out["tokens_seen_seqkd"] == out["tokens_seen_kd"]  # the same cached rows
+    assert isinstance(out["target_met"], bool) and out["teacher_rows"]["samples"] == 2 * 4
     assert json.load(open(tmp_path / "demo" / "summary.json"))["budget_steps"] == 2
+    # the KD rows are the teacher's own completions (prompt + completion + EOS), not the corpus rows
+    tok = build_tokenizer()
+    pairs = read_pairs(str(tmp_path / "demo" / "teacher_rows.jsonl"))
+    cached = [r[0].tolist() for r in TopKCache(str(tmp_path / "demo" / "cache")).rows()]
+    assert cached == [ids for ids, _ in encode_pairs(pairs, tok, "arithmetic", seq_len=256)]
+
+
+def test_demo_refuses_when_no_teacher_row_passes_the_filter(teacher_dir, tmp_path):
+    from distill.demo import DemoSettings, run_distillation_stage
+
+    s = DemoSettings(eval_problems=2, keep_layers=(0, 1), keep_experts=2, max_new_tokens=8, micro_batch=2)
+    with pytest.raises(ValueError, match="passed the 'correct' filter"):
+        run_distillation_stage(teacher_dir, str(tmp_path / "demo"), seed=0, budget=1, settings=s, log=lambda m: None)
+
+
+def test_target_is_ninety_percent_of_the_teacher_and_above_ce():
+    from distill.demo import target_met
+
+    assert target_met(0.68, kd=0.62, ce=0.30)
+    assert not target_met(0.68, kd=0.61, ce=0.30)  # 0.61 < 0.9 x 0.68 = 0.612
+    assert not target_met(0.68, kd=0.65, ce=0.65)  # not strictly above CE

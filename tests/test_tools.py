@@ -74,7 +74,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     summary = demo.main(["--run-dir", str(tmp_path / "demo"), "--quick"])
     saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
     for key in ("accuracy_before", "accuracy_after", "accuracy_baseline", "wall_seconds", "accuracy_teacher",
-                "accuracy_student_ce", "accuracy_student_kd", "accuracy_student_onpolicy"):
+                "accuracy_student_ce", "accuracy_student_seqkd", "accuracy_student_kd", "accuracy_student_onpolicy",
+                "distill_target_met"):
         assert key in saved and saved[key] == summary[key]
     for stage in ("pretrain", "grpo", "baseline"):
         assert (tmp_path / "demo" / stage / "final" / "config.json").is_file()

@@ -8,13 +8,15 @@ Stages (each is the project's own CLI, run in this process; every stage writes i
   2. grpo       `rl.grpo` from the pretrained checkpoint, rewarded by answer correctness (+ format);
   3. baseline   the honest control: the same pretrained checkpoint trained for the same wall time as GRPO by
                 continued pretraining on the same corpus;
-  4. distill    `distill.demo`: the GRPO model as the teacher of three 4x smaller students trained at the same
-                budget and seed — CE only, logit KD from a cached top-k teacher, and on-policy KD (`--no-distill`
-                skips it);
+  4. distill    `distill.demo`: the GRPO model as the teacher of ~4x smaller students trained at the same
+                budget and seed — CE only on the corpus rows, and on the teacher's own verified completions:
+                hard labels (sequence-level KD), logit KD from their cached top-k, and on-policy KD
+                (`--no-distill` skips it);
 then held-out accuracy (greedy pass@1, and sampled mean@8) of the pretrained, GRPO and baseline models on the same
 held-out problems, PNG curves per stage, and RUN_DIR/summary.json with `accuracy_before`, `accuracy_after`,
-`accuracy_baseline`, `wall_seconds`, `accuracy_teacher`, `accuracy_student_ce`, `accuracy_student_kd`,
-`accuracy_student_onpolicy` (and the mean@8 figures, cache bytes per token, stage times and seeds).
+`accuracy_baseline`, `wall_seconds`, `accuracy_teacher`, `accuracy_student_ce`, `accuracy_student_seqkd`,
+`accuracy_student_kd`, `accuracy_student_onpolicy`, `distill_target_met` (and the mean@8 figures, cache bytes per
+token, stage times and seeds).
 """
 
 from __future__ import annotations
@@ -108,9 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         t0 = time.perf_counter()
         settings = DemoSettings(eval_problems=n, max_new_tokens=max_len)
-        if args.quick:  # the quick teacher is the 2-layer tiny preset: a scratch student, a few steps
+        if args.quick:  # the quick teacher is the 2-layer tiny preset: a scratch student, a few steps, and the
+            #             teacher's completions unfiltered (it solves next to nothing)
             settings = DemoSettings(eval_problems=n, max_new_tokens=max_len, student_init="scratch",
-                                    hidden_size=32, num_hidden_layers=1, intermediate_size=64, micro_batch=4)
+                                    hidden_size=32, num_hidden_layers=1, intermediate_size=64, micro_batch=4,
+                                    teacher_filter="none")
         distill = run_distillation_stage(os.path.join(args.run_dir, "grpo", "final"),
                                          os.path.join(args.run_dir, "distill"), seed=args.seed,
                                          budget=3 if args.quick else 60, settings=settings,
@@ -124,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"accuracy_before_mean@{k}": results["before"].get(f"accuracy_mean@{k}"),
         f"accuracy_after_mean@{k}": results["after"].get(f"accuracy_mean@{k}"),
         f"accuracy_baseline_mean@{k}": results["baseline"].get(f"accuracy_mean@{k}"),
-        **{k: distill[k] for k in ("accuracy_teacher", "accuracy_student_ce", "accuracy_student_kd",
-                                   "accuracy_student_onpolicy", "cache_bytes_per_token") if k in distill},
+        **{k: distill[k] for k in ("accuracy_teacher", "accuracy_student_ce", "accuracy_student_seqkd",
+                                   "accuracy_student_kd", "accuracy_student_onpolicy", "cache_bytes_per_token")
+           if k in distill},
+        **({"distill_target_met": distill["target_met"]} if "target_met" in distill else {}),
         "heldout_problems": n, "seed": args.seed, "quick": args.quick,
         "stage_seconds": {k2: round(v, 1) for k2, v in times.items()},
         "wall_seconds": time.perf_counter() - t_all,
