@@ -69,11 +69,12 @@ def padded_swiglu(x_RD: torch.Tensor, w1_ED2I: torch.Tensor, w2_EID: torch.Tenso
 
 
 def choose_impl(x_RD: torch.Tensor, w1_ED2I: torch.Tensor, w2_EID: torch.Tensor, counts_E: torch.Tensor) -> str:
-    """`grouped_mm` on CUDA; on CPU the padded bmm for few rows when padding at most doubles the work (torch's CPU
-    grouped GEMM runs one small GEMM per expert), else `grouped_mm` where its alignment rules hold, else `loop`."""
+    """`grouped_mm` on CUDA; on CPU the padded bmm for few rows when padding at most quadruples the rows (torch's CPU
+    grouped GEMM runs one small GEMM per expert; with few rows both read every expert's weights, which is what
+    costs), else `grouped_mm` where its alignment rules hold, else `loop`."""
     grouped_ok = grouped_mm_supported(x_RD, w1_ED2I) and grouped_mm_supported(x_RD, w2_EID)
     if x_RD.device.type == "cpu" and 0 < x_RD.shape[0] <= PADDED_MAX_ROWS:
-        if counts_E.shape[0] * int(counts_E.max()) <= 2 * x_RD.shape[0]:
+        if counts_E.shape[0] * int(counts_E.max()) <= 4 * x_RD.shape[0]:
             return "padded"
     return "grouped_mm" if grouped_ok else "loop"
 

@@ -198,13 +198,14 @@ def test_gradcheck_loop_path_float64():
 
 
 def test_auto_choice_rules():
-    """CPU: padded bmm for few rows when padding at most doubles the rows; grouped GEMM otherwise (aligned)."""
+    """CPU: padded bmm for few rows when padding at most quadruples the rows; grouped GEMM otherwise (aligned)."""
     E, D, I = 4, 8, 4
     w1, w2 = torch.randn(E, D, 2 * I), torch.randn(E, I, D)
-    balanced = torch.tensor([3, 2, 3, 2])  # 4 experts x 3 slots = 12 <= 2 x 10 rows
-    skewed = torch.tensor([9, 1, 0, 0])  # 4 x 9 = 36 > 2 x 10
+    balanced = torch.tensor([3, 2, 3, 2])  # 4 experts x 3 slots = 12 <= 4 x 10 rows
     assert choose_impl(torch.randn(10, D), w1, w2, balanced) == "padded"
-    assert choose_impl(torch.randn(10, D), w1, w2, skewed) == "grouped_mm"
+    skewed = torch.tensor([0, 11, 0, 0, 1, 0, 0, 0])  # 8 experts x 11 slots = 88 > 4 x 12 rows
+    w1_8, w2_8 = torch.randn(8, D, 2 * I), torch.randn(8, I, D)
+    assert choose_impl(torch.randn(12, D), w1_8, w2_8, skewed) == "grouped_mm"
     many = torch.full((E,), experts_mod.PADDED_MAX_ROWS // E + 1)
     assert choose_impl(torch.randn(int(many.sum()), D), w1, w2, many) == "grouped_mm"
     with pytest.raises(ValueError, match="impl must be one of"):
