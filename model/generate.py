@@ -2,7 +2,8 @@
 
 Prompts of any lengths are left-padded into one batch; each sequence stops at its own EOS (its later slots are
 masked out of attention and filled with the pad id), and once a quarter of the batch has stopped, the stopped
-sequences leave the batch and the cache, so decoding cost follows the sequences still generating. Sampling (temperature, top-k, top-p) draws from a
+sequences leave the batch and the cache, so decoding cost follows the sequences still generating. Repeated
+prompts (GRPO's G samples of each) are prefilled once and their cache rows repeated. Sampling (temperature, top-k, top-p) draws from a
 `torch.Generator`, so the same seed gives the same tokens. For every sampled token the log-probability under the
 model's temperature-scaled distribution, log softmax(logits / T)[token] (before top-k/top-p truncation, as GRPO's
 importance ratio needs), is returned; greedy decoding reports log softmax(logits).
@@ -68,6 +69,20 @@ def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None
     return (logits.float() - u.log_().neg_().log_()).argmax(dim=-1)
 
 
+def distinct_rows(rows: list[list[int]] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the first of each distinct row, each row's distinct-row number): rows [[5, 6], [7], [5, 6]] give
+    ([0, 1], [0, 1, 0])."""
+    seen: dict[tuple, int] = {}
+    first, inverse = [], []
+    for i, row in enumerate(rows.tolist() if torch.is_tensor(rows) else rows):
+        key = tuple(row)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        inverse.append(seen[key])
+    return torch.tensor(first), torch.tensor(inverse)
+
+
 # Finished sequences leave the decode batch once they are a quarter of it: their rows of the latent cache are dropped
 # (one copy of the cache), so later steps compute only the sequences still generating.
 COMPACT_AT = 0.75
@@ -110,13 +125,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         return GenerationOutput(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, finished)
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    cache = LatentCache(config, B, P + max_new_tokens, dtype=dtype, device=device)
+    # Each distinct prompt is prefilled once (GRPO samples G completions per prompt); its cache rows are repeated.
+    first, inverse = (t.to(device) for t in distinct_rows(prompts))
+    cache = LatentCache(config, len(first), P + max_new_tokens, dtype=dtype, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     rows = torch.arange(B, device=device)  # the sequences in the decode batch (and cache), in order
     try:
-        logits = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(prompt_ids[first], attention_mask=prompt_mask[first], cache=cache,
+                       logits_to_keep=1).logits[:, -1]
+        if len(first) < B:
+            cache.keep_rows(inverse)
+            logits = logits[inverse]
         for t in range(max_new_tokens):
             tokens, lp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
             active = ~finished[rows]

@@ -15,20 +15,14 @@ from __future__ import annotations
 import torch
 
 from model.cache import LatentCache
+from model.generate import distinct_rows
 
 
 def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(one row index per distinct prompt, each row's distinct-prompt number), distinct = same real tokens."""
-    seen: dict[tuple, int] = {}
-    first, inverse = [], []
-    for i, (ids, keep) in enumerate(zip(prompt_ids.tolist(), prompt_mask.tolist())):
-        key = tuple(t for t, k in zip(ids, keep) if k)
-        if key not in seen:
-            seen[key] = len(first)
-            first.append(i)
-        inverse.append(seen[key])
-    device = prompt_ids.device
-    return torch.tensor(first, device=device), torch.tensor(inverse, device=device)
+    real = [[t for t, k in zip(ids, keep) if k] for ids, keep in zip(prompt_ids.tolist(), prompt_mask.tolist())]
+    first, inverse = distinct_rows(real)
+    return first.to(prompt_ids.device), inverse.to(prompt_ids.device)
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,

@@ -130,3 +130,23 @@ def test_dropping_finished_sequences_changes_nothing(monkeypatch):
     assert torch.equal(compacted.completion_mask, full.completion_mask)
     assert torch.equal(compacted.finished, full.finished)
     torch.testing.assert_close(compacted.logprobs, full.logprobs, rtol=0, atol=1e-5)
+
+
+def test_repeated_prompts_are_prefilled_once():
+    """G copies of a prompt share one prefill (the cache rows are repeated): same tokens and log-probs as prompts
+    that are all different, and the prefill batch holds each distinct prompt once."""
+    from model.generate import distinct_rows
+
+    assert [t.tolist() for t in distinct_rows([[5, 6], [7], [5, 6]])] == [[0, 1], [0, 1, 0]]
+    model = _model()
+    prompts = [[3, 4, 5], [9, 10], [3, 4, 5], [9, 10], [3, 4, 5]]
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[:2]))
+    out = generate(model, prompts, 6, greedy=True, eos_token_id=[])
+    hook.remove()
+    assert tuple(seen[0]) == (2, 3)  # the prefill: 2 distinct prompts, padded to 3 tokens
+    assert all(tuple(s) == (5, 1) for s in seen[1:])  # then every sequence decodes
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], 6, greedy=True, eos_token_id=[])
+        assert out.completions()[i] == alone.completions()[0]
+        torch.testing.assert_close(out.logprobs[i], alone.logprobs[0], rtol=0, atol=1e-5)
