@@ -68,21 +68,20 @@ def padded_swiglu(x_RD: torch.Tensor, w1_ED2I: torch.Tensor, w2_EID: torch.Tenso
     return y_ECD.flatten(0, 1).index_select(0, slot_R)
 
 
-def choose_impl(x_RD: torch.Tensor, w1_ED2I: torch.Tensor, w2_EID: torch.Tensor, counts_E: torch.Tensor) -> str:
-    """`grouped_mm` on CUDA; on CPU the padded bmm for few rows when padding at most quadruples the rows (torch's CPU
-    grouped GEMM runs one small GEMM per expert; with few rows both read every expert's weights, which is what
-    costs), else `grouped_mm` where its alignment rules hold, else `loop`."""
-    grouped_ok = grouped_mm_supported(x_RD, w1_ED2I) and grouped_mm_supported(x_RD, w2_EID)
-    if x_RD.device.type == "cpu" and 0 < x_RD.shape[0] <= PADDED_MAX_ROWS:
-        if counts_E.shape[0] * int(counts_E.max()) <= 4 * x_RD.shape[0]:
-            return "padded"
-    return "grouped_mm" if grouped_ok else "loop"
-
-
 # Above this many routed rows the per-expert GEMMs are big enough for torch's CPU grouped GEMM to win (measured on
 # the `small` bench shapes: padded 2x faster at 64 rows, even at ~1K, slower at 8K).
 PADDED_MAX_ROWS = 1024
 IMPLS = ("auto", "grouped_mm", "padded", "loop")
+
+
+def choose_impl(x_RD: torch.Tensor, w1_ED2I: torch.Tensor, w2_EID: torch.Tensor, counts_E: torch.Tensor) -> str:
+    """`grouped_mm` on CUDA; on CPU the padded bmm for few rows when padding at most quadruples the rows (torch's CPU
+    grouped GEMM runs one small GEMM per expert; with few rows both read every expert's weights, which is what
+    costs), else `grouped_mm` where its alignment rules hold, else `loop`."""
+    R = x_RD.shape[0]
+    if x_RD.device.type == "cpu" and 0 < R <= PADDED_MAX_ROWS and counts_E.shape[0] * int(counts_E.max()) <= 4 * R:
+        return "padded"
+    return "grouped_mm" if grouped_mm_supported(x_RD, w1_ED2I) and grouped_mm_supported(x_RD, w2_EID) else "loop"
 
 
 def grouped_swiglu(x_RD: torch.Tensor, gate_up_E2ID: torch.Tensor, down_EDI: torch.Tensor,

@@ -3,8 +3,8 @@
 Prompts of any lengths are left-padded into one batch; each sequence stops at its own EOS (its later slots are
 masked out of attention and filled with the pad id), and once a quarter of the batch has stopped, the stopped
 sequences leave the batch and the cache, so decoding cost follows the sequences still generating. Repeated
-prompts (GRPO's G samples of each) are prefilled once and their cache rows repeated. Sampling (temperature, top-k, top-p) draws from a
-`torch.Generator`, so the same seed gives the same tokens. For every sampled token the log-probability under the
+prompts (GRPO's G samples of each) are prefilled once and their cache rows repeated. Sampling (temperature, top-k,
+top-p) draws from a `torch.Generator`, so the same seed gives the same tokens. For every sampled token the log-probability under the
 model's temperature-scaled distribution, log softmax(logits / T)[token] (before top-k/top-p truncation, as GRPO's
 importance ratio needs), is returned; greedy decoding reports log softmax(logits).
 """
@@ -69,18 +69,35 @@ def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None
     return (logits.float() - u.log_().neg_().log_()).argmax(dim=-1)
 
 
-def distinct_rows(rows: list[list[int]] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index of the first of each distinct row, each row's distinct-row number): rows [[5, 6], [7], [5, 6]] give
-    ([0, 1], [0, 1, 0])."""
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index of each distinct prompt's first copy, each row's distinct-prompt number) for left-padded prompts;
+    distinct = different real tokens. Copies [[5, 6], [7], [5, 6]] give ([0, 1], [0, 1, 0])."""
     seen: dict[tuple, int] = {}
     first, inverse = [], []
-    for i, row in enumerate(rows.tolist() if torch.is_tensor(rows) else rows):
-        key = tuple(row)
+    for i, (ids, keep) in enumerate(zip(prompt_ids.tolist(), prompt_mask.tolist())):
+        key = tuple(t for t, k in zip(ids, keep) if k)
         if key not in seen:
             seen[key] = len(first)
             first.append(i)
         inverse.append(seen[key])
-    return torch.tensor(first), torch.tensor(inverse)
+    device = prompt_ids.device
+    return torch.tensor(first, device=device), torch.tensor(inverse, device=device)
+
+
+def prefill_distinct(model: Transformer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: int,
+                     groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[LatentCache, torch.Tensor]:
+    """Run each distinct prompt once into a latent cache with room for `new_tokens` more, then repeat its cache rows
+    for every copy (index_select: differentiable, so a pass with gradients stays exact). Returns the cache and the
+    last prompt position's logits [B, vocab]. `groups` = prompt_groups(...) when the caller has them already."""
+    first, inverse = groups if groups is not None else prompt_groups(prompt_ids, prompt_mask)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    cache = LatentCache(model.config, len(first), prompt_ids.shape[1] + new_tokens, dtype=dtype,
+                        device=prompt_ids.device)
+    logits = model(prompt_ids[first], attention_mask=prompt_mask[first], cache=cache, logits_to_keep=1).logits[:, -1]
+    if len(first) < len(prompt_ids):
+        cache.keep_rows(inverse)
+        logits = logits[inverse]
+    return cache, logits
 
 
 # Finished sequences leave the decode batch once they are a quarter of it: their rows of the latent cache are dropped
@@ -124,32 +141,24 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if max_new_tokens == 0:
         return GenerationOutput(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, finished)
 
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    # Each distinct prompt is prefilled once (GRPO samples G completions per prompt); its cache rows are repeated.
-    first, inverse = (t.to(device) for t in distinct_rows(prompts))
-    cache = LatentCache(config, len(first), P + max_new_tokens, dtype=dtype, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     rows = torch.arange(B, device=device)  # the sequences in the decode batch (and cache), in order
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # which of them have not emitted EOS yet
     try:
-        logits = model(prompt_ids[first], attention_mask=prompt_mask[first], cache=cache,
-                       logits_to_keep=1).logits[:, -1]
-        if len(first) < B:
-            cache.keep_rows(inverse)
-            logits = logits[inverse]
+        cache, logits = prefill_distinct(model, prompt_ids, prompt_mask, max_new_tokens)
         for t in range(max_new_tokens):
             tokens, lp = sample_next(logits, temperature, top_k, top_p, greedy, generator)
-            active = ~finished[rows]
-            completion_ids[rows, t] = torch.where(active, tokens, pad)
-            completion_mask[rows, t] = active
-            logprobs[rows, t] = torch.where(active, lp, 0.0)
+            completion_ids[rows, t] = torch.where(alive, tokens, pad)
+            completion_mask[rows, t] = alive
+            logprobs[rows, t] = torch.where(alive, lp, 0.0)
             if len(eos):
-                finished[rows] = ~active | torch.isin(tokens, eos_t)
-            if t + 1 == max_new_tokens or bool(finished.all()):
+                alive = alive & ~torch.isin(tokens, eos_t)
+            n_alive = int(alive.sum())
+            if t + 1 == max_new_tokens or n_alive == 0:
                 break
-            alive = ~finished[rows]
-            if int(alive.sum()) <= COMPACT_AT * len(rows):  # stop computing finished sequences
+            if n_alive <= COMPACT_AT * len(rows):  # stop computing finished sequences
                 keep = alive.nonzero().squeeze(1)
                 cache.keep_rows(keep)
                 rows, alive = rows[keep], alive[keep]
@@ -157,4 +166,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                            logits_to_keep=1).logits[:, -1]
     finally:
         model.train(was_training)
+    finished.fill_(True)  # sequences that left the batch had stopped
+    finished[rows] = ~alive
     return GenerationOutput(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, finished)

@@ -14,32 +14,22 @@ from __future__ import annotations
 
 import torch
 
-from model.cache import LatentCache
-from model.generate import distinct_rows
-
-
-def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(one row index per distinct prompt, each row's distinct-prompt number), distinct = same real tokens."""
-    real = [[t for t, k in zip(ids, keep) if k] for ids, keep in zip(prompt_ids.tolist(), prompt_mask.tolist())]
-    first, inverse = distinct_rows(real)
-    return first.to(prompt_ids.device), inverse.to(prompt_ids.device)
+from model.generate import prefill_distinct, prompt_groups
 
 
 def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                       share_prompts: bool = True) -> torch.Tensor:
     """Logits [B, N, vocab] at the N positions that predict the completion tokens."""
     N = completion_ids.shape[1]
-    first, inverse = prompt_groups(prompt_ids, prompt_mask) if share_prompts else (None, None)
-    if first is None or len(first) == len(prompt_ids) or N == 0:
+    groups = prompt_groups(prompt_ids, prompt_mask) if share_prompts else None
+    if groups is None or len(groups[0]) == len(prompt_ids) or N == 0:
         ids = torch.cat([prompt_ids, completion_ids], dim=1)
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         # only the N positions that predict completion tokens need the output head (the last one predicts nothing)
         return model(ids, attention_mask=mask, logits_to_keep=N + 1).logits[:, :N]
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    cache = LatentCache(model.config, len(first), prompt_ids.shape[1] + N - 1, dtype=dtype, device=prompt_ids.device)
-    last = model(prompt_ids[first], attention_mask=prompt_mask[first], cache=cache, logits_to_keep=1).logits
-    cache.keep_rows(inverse)  # each completion continues from its own copy of its prompt's slots
-    logits = last[inverse]  # [B, 1, V]: predicts completion token 0
+    # each completion continues from its own copy of its prompt's cache slots
+    cache, last = prefill_distinct(model, prompt_ids, prompt_mask, N - 1, groups)
+    logits = last[:, None]  # [B, 1, V]: predicts completion token 0
     if N > 1:
         # tokens after a completion's EOS are padding at its end: causal attention keeps them out of its real tokens
         rest = model(completion_ids[:, :-1], cache=cache).logits

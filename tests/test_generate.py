@@ -135,9 +135,10 @@ def test_dropping_finished_sequences_changes_nothing(monkeypatch):
 def test_repeated_prompts_are_prefilled_once():
     """G copies of a prompt share one prefill (the cache rows are repeated): same tokens and log-probs as prompts
     that are all different, and the prefill batch holds each distinct prompt once."""
-    from model.generate import distinct_rows
+    from model.generate import prompt_groups
 
-    assert [t.tolist() for t in distinct_rows([[5, 6], [7], [5, 6]])] == [[0, 1], [0, 1, 0]]
+    ids, mask = torch.tensor([[5, 6], [0, 7], [5, 6]]), torch.tensor([[True, True], [False, True], [True, True]])
+    assert [t.tolist() for t in prompt_groups(ids, mask)] == [[0, 1], [0, 1, 0]]
     model = _model()
     prompts = [[3, 4, 5], [9, 10], [3, 4, 5], [9, 10], [3, 4, 5]]
     seen = []

@@ -28,6 +28,25 @@ def _groups_for(rule: str, layout: Layout) -> list:
     return {"dp": [layout.dp_group], "dp+tp": [layout.dp_group, layout.tp_group], "edp": [layout.edp_group]}[rule]
 
 
+def _reduce_grads(params: list[nn.Parameter], groups: list, divisor: int) -> None:
+    """SUM the gradients of `params` over each group in one flat buffer, then divide; a missing gradient reduces
+    zeros (every rank issues the same collectives) and is filled in, except on FSDP parameters (this rank's chunk)."""
+    grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    for group in groups:
+        all_reduce_sum_(flat, group)
+    if divisor != 1:
+        flat /= divisor
+    offset = 0
+    for p, g in zip(params, grads):
+        piece = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+        if p.grad is not None:
+            g.copy_(piece)
+        elif not is_sharded(p):
+            p.grad = piece.clone()
+
+
 @torch.no_grad()
 def sync_gradients(model: nn.Module, layout: Layout) -> None:
     """Make every gradient equal the single-process gradient of the global batch (mean over DP replicas)."""
@@ -45,28 +64,10 @@ def sync_gradients(model: nn.Module, layout: Layout) -> None:
             continue
         buckets[plan.spec(name).grad].append(p)
     if fsdp_partial_over_tp and layout.tp > 1:
-        grads = [local(p.grad) if p.grad is not None else torch.zeros_like(local(p)) for p in fsdp_partial_over_tp]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        all_reduce_sum_(flat, layout.tp_group)
-        offset = 0
-        for p, g in zip(fsdp_partial_over_tp, grads):
-            if p.grad is not None:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _reduce_grads(fsdp_partial_over_tp, [layout.tp_group], 1)
     for rule, params in buckets.items():
-        if not params:
-            continue
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        for group in _groups_for(rule, layout):
-            all_reduce_sum_(flat, group)
-        flat /= layout.dp
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(
-                flat[offset:offset + n].view_as(p))
-            offset += n
+        if params:
+            _reduce_grads(params, _groups_for(rule, layout), layout.dp)
 
 
 @torch.no_grad()
@@ -75,13 +76,15 @@ def grad_norm(model: nn.Module, layout: Layout) -> torch.Tensor:
     plan = plan_of(model)
     sq = {None: 0.0, "tp": 0.0, "ep": 0.0}
     fsdp_sq = {None: 0.0, "tp": 0.0, "ep": 0.0}  # FSDP chunks: distinct over DP as well
+    has_fsdp = False
     for name, p in model.named_parameters():
+        has_fsdp = has_fsdp or is_sharded(p)
         if p.grad is not None:
             target = fsdp_sq if is_sharded(p.grad) else sq
             axis = plan.spec(name).axis
             target[axis] = target[axis] + local(p.grad).detach().float().pow(2).sum()
     sq = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in sq.items()}
-    if any(is_sharded(p) for p in model.parameters()):
+    if has_fsdp:
         fsdp_sum = torch.stack([torch.as_tensor(fsdp_sq[k], dtype=torch.float32) for k in (None, "tp", "ep")])
         all_reduce_sum_(fsdp_sum, layout.dp_group)
         sq = {k: sq[k] + fsdp_sum[i] for i, k in enumerate((None, "tp", "ep"))}

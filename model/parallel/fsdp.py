@@ -3,8 +3,9 @@
 With `ParallelDims(fsdp=True)` every parameter that is replicated over the data-parallel ranks (attention, norms,
 dense and shared MLPs, router, embedding, head: each TP rank's slice of them under tensor parallelism) is split
 in dim-0 chunks over the DP group: one FSDP unit per decoder block (the MTP modules' blocks included), plus the
-root (embedding, final norm, head, the MTP projections and norms, which the root's forward uses directly). FSDP all-gathers a unit's parameters for its forward and backward and reduce-scatters (averages)
-their gradients over the DP group. Routed experts are left out (`ignored_params`): expert parallelism already
+root (embedding, final norm, head, the MTP projections and norms, which the root's forward uses directly). FSDP
+all-gathers a unit's parameters for its forward and backward and reduce-scatters (averages) their gradients over
+the DP group. Routed experts are left out (`ignored_params`): expert parallelism already
 splits them, and their gradients keep the EDP rule of plan.py. The model's math is untouched.
 
 What changes for the rest of model/parallel, all through the helpers below:
