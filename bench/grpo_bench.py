@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from bench.timing import ForeignLoad, load_average, machine_info, wait_quiet
+from bench.timing import ForeignLoad, load_average, machine_info, wait_quiet, write_results
 
 # Workloads. `reference` is what the issue asks for; `quick` is a smoke run (tiny model, short lengths).
 WORKLOADS = {
@@ -643,16 +643,9 @@ def run(args) -> dict:
         "load_average_start": load_start, "load_average_end": load_average(),
     }
     r["notes"] = notes(r)
-    os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "grpo_bench" + ("_quick" if args.quick else "")
                         + (f"_t{args.threads}" if args.threads != 2 else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(r, f, indent=2)
-        f.write("\n")
-    md = markdown(r)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_results(stem, r, markdown(r))
     if not keep:
         import shutil
 

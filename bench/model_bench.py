@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.timing import Gate, interleaved, load_average, machine_info, matmul_peak_gflops
+from bench.timing import Gate, interleaved, load_average, machine_info, matmul_peak_gflops, write_results
 
 # Architectures (transformers DeepseekV3Config field names) and workloads. `small` is the reference benchmark;
 # `tiny` is a smoke test that finishes in seconds.
@@ -124,16 +123,21 @@ def grouped_mm_check(hf) -> dict:
 # Workloads
 
 
+def _backward_lm_loss(model, input_ids: torch.Tensor, is_hf: bool) -> None:
+    """Forward + backward of the next-token loss with labels = inputs, in each model's own calling convention."""
+    if is_hf:
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    else:
+        loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+
+
 def make_train_step(model, input_ids: torch.Tensor, is_hf: bool, optim_kw: dict):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **optim_kw)
     model.train()
 
     def step():
-        if is_hf:
-            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-        else:
-            loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
+        _backward_lm_loss(model, input_ids, is_hf)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -145,11 +149,7 @@ def make_fwd_bwd(model, input_ids: torch.Tensor, is_hf: bool):
     model.train()
 
     def run():
-        if is_hf:
-            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-        else:
-            loss = model(input_ids, labels=input_ids).loss
-        loss.backward()
+        _backward_lm_loss(model, input_ids, is_hf)
         model.zero_grad(set_to_none=True)
 
     return run
@@ -387,15 +387,7 @@ def run(preset_name: str, threads: int, repeats: int | None, out_dir: str, budge
     result["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
     result["notes"] = notes(result)
 
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"model_bench_{preset_name}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    md = markdown(result)
-    with open(base + ".md", "w") as f:
-        f.write(md)
-    print(md)
+    write_results(os.path.join(out_dir, f"model_bench_{preset_name}"), result, markdown(result))
     return result
 
 

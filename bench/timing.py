@@ -12,6 +12,7 @@ reported; when the time budget runs out the run is kept and flagged as contended
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -207,3 +208,14 @@ def matmul_peak_gflops(n: int, repeats: int, warmup: int = 2, gate: Gate | None 
     flops = 2.0 * n ** 3
     return {"n": n, "dtype": "float32", "median_gflops": flops / statistics.median(secs) / 1e9,
             "best_gflops": flops / min(secs) / 1e9, **summary(secs, [c for _, c in runs])}
+
+
+def write_results(stem: str, result: dict, md: str) -> None:
+    """STEM.json (every raw figure) and STEM.md (the table), then print the table."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    print(md)
