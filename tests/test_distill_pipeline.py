@@ -23,6 +23,8 @@ from model import Transformer, load_model, preset, save_model
 from train.corpus import build_tokenizer, problems
 from train.data import DataError
 from train.sft import encode_pairs, read_pairs
+from tests.test_pretrain import _metrics
+from tests.tiny_checkpoint import save_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT = ["--student.hidden_size", "32", "--student.intermediate_size", "64", "--student.num_hidden_layers", "1",
@@ -33,17 +35,7 @@ STUDENT = ["--student.hidden_size", "32", "--student.intermediate_size", "64", "
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "final"
-    save_model(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())), path)
-    tok.save(str(path / "tokenizer.json"))
-    return str(path)
-
-
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "final")
 
 
 # ------------------------------------------------------------------------------------------------ the cache

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from model import Transformer, preset, save_model
 from rl.grpo import main
-from train.corpus import build_tokenizer
+from tests.test_pretrain import _metrics as _rows
+from tests.tiny_checkpoint import save_tiny_checkpoint
 
 COMMON = ["--grpo.prompts_per_step", "4", "--grpo.num_generations", "4", "--grpo.max_completion_length", "12",
           "--grpo.micro_batch", "8", "--metrics.eval_problems", "4", "--metrics.eval_samples", "2",
@@ -25,17 +26,7 @@ COMMON = ["--grpo.prompts_per_step", "4", "--grpo.num_generations", "4", "--grpo
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("grpo") / "base"
-    save_model(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())), path)
-    tok.save(str(path / "tokenizer.json"))
-    return str(path)
-
-
-def _rows(run):
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("grpo") / "base")
 
 
 def test_loop_logs_metrics_and_rollout_logprobs_match_training(base, tmp_path):

@@ -28,8 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import Transformer, load_model, preset, save_model
+from model import load_model
 from tests.distributed_helpers import run_distributed
+from tests.tiny_checkpoint import save_tiny_checkpoint
 from tests.test_grpo import COMMON as GRPO_COMMON
 from tests.test_pretrain import ROOT, TINY, _env, _metrics
 
@@ -66,16 +67,11 @@ def work(tmp_path_factory):
 def single(work):
     """One process: pretraining (4 rows per step), one GRPO step, on the same data as the parallel runs."""
     from rl.grpo import main as grpo_main
-    from train.corpus import build_tokenizer
     from train.pretrain import main as pretrain_main
 
     pre = str(work / "single")
     assert pretrain_main(PRE + ["--training.micro_batch", "4", "--checkpoint.every", "0", "--run-dir", pre]) == 0
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    base = work / "base"
-    save_model(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())), base)
-    tok.save(str(base / "tokenizer.json"))
+    base = save_tiny_checkpoint(work / "base")
     rl = str(work / "grpo_single")
     assert grpo_main(GRPO + ["--model.init_from", str(base), "--run-dir", rl]) == 0
     return {"pretrain": pre, "base": str(base), "grpo": rl}

@@ -7,11 +7,12 @@ import json
 
 import torch
 
-from model import Transformer, preset, save_model
+from model import preset
 from rl.grpo import TextCodec
 from rl.rejection_sample import main, rejection_sample
 from rl.sources import Row
 from train.corpus import build_tokenizer
+from tests.tiny_checkpoint import save_tiny_checkpoint
 
 
 class ScriptedModel(torch.nn.Module):
@@ -30,14 +31,11 @@ class ScriptedModel(torch.nn.Module):
 
 
 def test_keeps_only_correct_formatted_and_dedupes(tmp_path):
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    save_model(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())), tmp_path / "m")
-    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    save_tiny_checkpoint(tmp_path / "m")
     codec = TextCodec(str(tmp_path / "m"))
     prompt = "What is 12 + 34?\n<think>"
     good = codec.encode("1+2+0=03</think><answer>46</answer>") + codec.eos
-    model = ScriptedModel(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())).config, good)
+    model = ScriptedModel(preset("tiny", vocab_size=build_tokenizer().get_vocab_size()), good)
     model.prompt_len = len(codec.encode(prompt))
     rows = [Row(prompt, {"answer": "46"}), Row(prompt.replace("34", "35"), {"answer": "47"})]
     kept, counts = rejection_sample(model, codec, rows, k=3, max_new_tokens=40, temperature=1.0, seed=0,
@@ -47,10 +45,7 @@ def test_keeps_only_correct_formatted_and_dedupes(tmp_path):
 
 
 def test_cli_writes_jsonl(tmp_path):
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    save_model(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())), tmp_path / "m")
-    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    save_tiny_checkpoint(tmp_path / "m")
     out = tmp_path / "rs.jsonl"
     assert main(["--ckpt", str(tmp_path / "m"), "--out", str(out), "--prompts", "4", "--k", "2",
                  "--max-new-tokens", "8", "--require", "format"]) == 0

@@ -7,22 +7,18 @@ import json
 import os
 
 import pytest
-import torch
 
-from model import Transformer, preset, save_model
 from train.corpus import build_tokenizer
 from train.data import DataError
 from train.sft import SFTDataset, encode_pairs, main, read_pairs
+from tests.tiny_checkpoint import save_tiny_checkpoint
 
 
 @pytest.fixture()
 def base(tmp_path):
-    tok = build_tokenizer()
-    torch.manual_seed(0)
     path = tmp_path / "base"
-    save_model(Transformer(preset("tiny", vocab_size=tok.get_vocab_size())), path)
-    tok.save(str(path / "tokenizer.json"))
-    return path, tok
+    save_tiny_checkpoint(path)
+    return path, build_tokenizer()
 
 
 def test_prompt_tokens_are_masked(base):
