@@ -19,6 +19,7 @@ Run `python -c "from rl.tasks import *; print(ArithmeticTask().problem(0, 0).ful
 
 from __future__ import annotations
 
+import abc
 import ast
 import hashlib
 import json
@@ -75,15 +76,17 @@ def is_heldout(question: str, fraction: float) -> bool:
     return h < fraction * 2 ** 64
 
 
-class _SplitGenerator:
-    """Rejection-samples candidates from (seed, index, attempt) until one falls in the requested split."""
+class _SplitGenerator(abc.ABC):
+    """Rejection-samples candidates from (seed, index, attempt) until one falls in the requested split; each task
+    defines `_candidate`."""
 
     name = "task"
     heldout_fraction = 0.1
     max_attempts = 10_000
 
+    @abc.abstractmethod
     def _candidate(self, rng: random.Random) -> Problem | None:
-        raise NotImplementedError
+        """One random problem of the task, or None to draw again."""
 
     def problem(self, seed: int, index: int, split: str = "train") -> Problem:
         if split not in SPLITS:
