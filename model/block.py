@@ -23,14 +23,14 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LatentCache | None = None, start: int = 0,
-                balance_alpha: float = 0.0) -> tuple[torch.Tensor, MoEStats | None]:
+                cache: LatentCache | None = None, start: int = 0, balance_alpha: float = 0.0,
+                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
         # The cache object, not this layer's tensor, is the argument: wrappers that hook a module's tensor inputs
         # (FSDP2) would otherwise hand MLA a view it may not write into.
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
         x = x + self.self_attn(self.input_layernorm(x), freqs_cis, mask, layer_cache, start)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(h, balance_alpha)
+            y, stats = self.mlp(h, balance_alpha, token_mask)
             return x + y, stats
         return x + self.mlp(h), None

@@ -58,6 +58,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
+    # Rotary channel layout: True = interleaved pairs (DeepSeek's checkpoints; transformers' default), False =
+    # the half-split pairs (x_i, x_i+d/2) of transformers' `rope_interleave: false` (rotate_half).
+    rope_interleave: bool = True
     # Multi-token prediction (V3 §2.2).
     num_nextn_predict_layers: int = 0
     # Misc.
@@ -136,13 +139,18 @@ class ModelConfig:
             fail("moe_intermediate_size", "must be a positive integer for an MoE model")
         if self.moe_layer_freq < 1:
             fail("moe_layer_freq", "must be >= 1")
+        for key in ("n_group", "topk_group"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                fail(key, f"must be a positive integer or null (no group limit), got {value!r}")
         n_group, topk_group = self.n_group or 1, self.topk_group or 1
-        if self.topk_method == "greedy":
-            return
+        # Checked for every routing method: `greedy` ignores the groups, but inconsistent ones are a config error.
         if E % n_group:
             fail("n_group", f"= {n_group} does not divide n_routed_experts = {E}; pick a divisor of {E}")
         if topk_group > n_group:
             fail("topk_group", f"= {topk_group} exceeds n_group = {n_group}; it must be <= n_group")
+        if self.topk_method == "greedy":
+            return
         if topk_group * (E // n_group) < K:
             fail("num_experts_per_tok", f"= {K} exceeds the {topk_group * (E // n_group)} experts that "
                  f"topk_group={topk_group} groups of {E // n_group} hold; raise topk_group or lower the top-k")

@@ -53,10 +53,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[:, 0] = False  # top_p -> 0 keeps the most likely token (greedy), never none
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
     tokens = gumbel_argmax(filtered, generator)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Refuse sampling settings that have no meaning (a clear error instead of silent garbage or a kernel crash)."""
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"generate: top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"generate: top_p must be in [0, 1] (1 = no nucleus filter), got {top_p}")
 
 
 def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -118,6 +129,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         raise ValueError("generate: every prompt needs at least one token")
     if max_new_tokens < 0:
         raise ValueError("generate: max_new_tokens must be >= 0")
+    check_sampling(temperature, top_k, top_p)
     config = model.config
     eos = config.eos_token_ids if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))

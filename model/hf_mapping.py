@@ -86,8 +86,8 @@ def hf_state_dict_to_seekstack(hf_state: dict[str, torch.Tensor], config: ModelC
         # DeepSeek-V2 routers have no correction bias: a zero bias leaves their routing unchanged.
         out.setdefault(key.removesuffix("weight") + "e_score_correction_bias",
                        torch.zeros(out[key].shape[0], dtype=torch.float32))
-    if config.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and "embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"]  # one tensor under both names, as the tied model has it
     return out
 
 

@@ -34,6 +34,7 @@ class MLA(nn.Module):
         c = config
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
+        self.rope_interleave = c.rope_interleave
         self.softmax_scale = c.softmax_scale
         H = c.num_attention_heads
         if c.q_lora_rank is None:
@@ -75,12 +76,12 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (-1, self.nope_dim + self.rope_dim))
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rotary(q_pe, freqs_cis)
+        return q_nope, apply_rotary(q_pe, freqs_cis, self.rope_interleave)
 
     def latent(self, x, freqs_cis) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the cached quantities: normalised c^KV [B, T, kv_lora_rank] and roped k^R [B, T, rope]."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rotary(k_pe, freqs_cis)
+        return self.kv_a_layernorm(c_kv), apply_rotary(k_pe, freqs_cis, self.rope_interleave)
 
     def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Up-project the latent to per-head keys/values and run SDPA. Returns [B, T, H * v_head_dim]."""

@@ -40,7 +40,10 @@ class MoE(nn.Module):
                                if config.n_shared_experts else None)
         self.dispatcher = LocalDispatcher(config.n_routed_experts)
 
-    def forward(self, x: torch.Tensor, balance_alpha: float = 0.0) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, balance_alpha: float = 0.0,
+                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x [B, T, D]; token_mask [B, T] bool (False = padding): padding is computed like any token but left out
+        of the expert load and the balance loss."""
         B, T, D = x.shape
         x_TD = x.reshape(-1, D)
         topk_ids, topk_weights, scores = self.gate(x_TD)
@@ -51,22 +54,28 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x_TD)
 
         with torch.no_grad():
-            load = torch.bincount(topk_ids.flatten(), minlength=self.num_experts).float()
+            routed = topk_ids if token_mask is None else topk_ids[token_mask.reshape(-1)]
+            load = torch.bincount(routed.flatten(), minlength=self.num_experts).float()
             if self.training:
                 self.gate.tokens_per_expert += load
         balance = None
         if balance_alpha > 0:
-            balance = balance_alpha * sequence_balance_loss(scores.view(B, T, -1), topk_ids.view(B, T, -1))
+            balance = balance_alpha * sequence_balance_loss(scores.view(B, T, -1), topk_ids.view(B, T, -1),
+                                                            token_mask)
         return y.view(B, T, D), MoEStats(load, balance)
 
 
-def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor) -> torch.Tensor:
-    """sum_i f_i P_i per sequence (V3 eqs. 17-20, without alpha), averaged over sequences."""
+def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor,
+                          token_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i f_i P_i per sequence (V3 eqs. 17-20, without alpha), averaged over sequences; T counts only the
+    tokens `token_mask_BT` keeps (all of them when None)."""
     B, T, E = scores_BTE.shape
     K = topk_ids_BTK.shape[-1]
+    keep = (torch.ones(B, T, dtype=scores_BTE.dtype, device=scores_BTE.device) if token_mask_BT is None
+            else token_mask_BT.to(scores_BTE.dtype))
+    tokens = keep.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
     counts = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
-    counts.scatter_add_(1, topk_ids_BTK.reshape(B, -1), torch.ones_like(topk_ids_BTK.reshape(B, -1),
-                                                                          dtype=scores_BTE.dtype))
-    f = counts * E / (K * T)
-    p = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    counts.scatter_add_(1, topk_ids_BTK.reshape(B, -1), keep.repeat_interleave(K, dim=1))
+    f = counts * E / (K * tokens)
+    p = ((scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)) * keep.unsqueeze(-1)).sum(dim=1) / tokens
     return (f * p).sum(dim=-1).mean()

@@ -31,7 +31,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, freqs_cis, mask,
-                balance_alpha: float = 0.0) -> tuple[torch.Tensor, MoEStats | None]:
+                balance_alpha: float = 0.0, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MoEStats | None]:
         """h_prev [B, T, D] (h^{k-1}), next_embeds [B, T, D] (Emb(t_{i+k})) -> (h^k [B, T, D], MoE stats)."""
         h = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h_prev)), dim=-1))
-        return self.block(h, freqs_cis, mask, balance_alpha=balance_alpha)
+        return self.block(h, freqs_cis, mask, balance_alpha=balance_alpha, token_mask=token_mask)

@@ -3,7 +3,9 @@
 Layout: the checkpoints store the rotary channels as *interleaved pairs* (x0, x1), (x2, x3), ... each rotated by one
 frequency (the official `apply_rotary_emb` views them as complex numbers). We rotate the pairs in place, so no
 weight permutation is ever needed. (transformers' `rope_interleave` path de-interleaves at run time instead; q.k is
-identical because q and k are permuted alike.)
+identical because q and k are permuted alike.) A transformers config with `rope_interleave: false` means weights
+laid out as half-split pairs (x_i, x_i+d/2) (transformers' rotate_half); `ModelConfig.rope_interleave = False`
+rotates those pairs instead.
 
 YaRN (Peng et al. 2023; V3 report §4.3): with s = factor, original context L, base b, rotary dim d,
     corr_dim(r) = d * ln(L / (2*pi*r)) / (2 ln b),   low = floor(corr_dim(beta_fast)), high = ceil(corr_dim(beta_slow))
@@ -85,13 +87,17 @@ class RotaryEmbedding(nn.Module):
         return torch.polar(torch.full_like(angles, self.attention_factor), angles)
 
 
-def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, T, H, d] (or [B, T, d]) by freqs_cis [B, T, d/2]; fp32 math.
+def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate pairs of x [B, T, H, d] (or [B, T, d]) by freqs_cis [B, T, d/2]; fp32 math.
 
     (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin): the pair read as the complex number
     x_2i + i x_2i+1 times exp(i theta), as the official code does it (one fused complex multiply).
+    interleaved=False rotates the half-split pairs (x_i, x_i+d/2) the same way.
     """
     if x.dim() == 4:
         freqs_cis = freqs_cis.unsqueeze(2)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * freqs_cis).flatten(-2).to(x.dtype)
+    if interleaved:
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * freqs_cis).flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (2, -1)).transpose(-1, -2).contiguous())
+    return torch.view_as_real(pairs * freqs_cis).transpose(-1, -2).flatten(-2).to(x.dtype)

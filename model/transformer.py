@@ -3,7 +3,8 @@
 `model(input_ids)` returns a `ModelOutput` whose `.logits` are the main-head logits [B, T, vocab]. With `labels`
 (same layout as input_ids, shifted inside, -100 ignored) it also returns the training objective (V3 §2.2, §2.1.2):
     loss = CE_main + (lambda / D) * sum_k CE_MTP^k + sum_layers alpha * L_Bal
-With a `LatentCache` it runs prefill / decode against the compressed cache (see model/generate.py).
+With an `attention_mask`, padding positions are never scored as predictors and are left out of the expert loads and
+the balance loss. With a `LatentCache` it runs prefill / decode against the compressed cache (see model/generate.py).
 """
 
 from __future__ import annotations
@@ -101,11 +102,12 @@ class Transformer(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
 
         freqs_cis = self.rotary(position_ids)
+        token_mask = attention_mask.bool() if attention_mask is not None else None  # padding: no load, no loss
         balance_alpha = self.config.aux_loss_alpha if labels is not None else 0.0
         h = self.embed_tokens(input_ids)
         loads, balance = [], []
         for layer in self.layers:
-            h, stats = layer(h, freqs_cis, mask, cache, start, balance_alpha)
+            h, stats = layer(h, freqs_cis, mask, cache, start, balance_alpha, token_mask)
             if stats is not None:
                 loads.append(stats.load)
                 if stats.balance_loss is not None:
@@ -116,12 +118,13 @@ class Transformer(nn.Module):
                           expert_load=torch.stack(loads) if loads else None)
 
         if (labels is not None or return_mtp_logits) and len(self.mtp) > 0 and cache is None:
-            self._forward_mtp(out, input_ids, labels, freqs_cis, mask, balance_alpha, balance, return_mtp_logits)
+            self._forward_mtp(out, input_ids, labels, freqs_cis, mask, balance_alpha, balance, return_mtp_logits,
+                              token_mask)
         if labels is None and self.gather_logits is not None:
             out.logits = self.gather_logits(out.logits)
             out.mtp_logits = [self.gather_logits(logits) for logits in out.mtp_logits]
         if labels is not None:
-            out.ce_loss = self.cross_entropy(out.logits, labels, shift=1)
+            out.ce_loss = self.cross_entropy(out.logits, ignore_padded_sources(labels, token_mask, 1), shift=1)
             loss = out.ce_loss
             if out.mtp_losses:
                 loss = loss + self.config.mtp_loss_lambda / len(out.mtp_losses) * torch.stack(out.mtp_losses).sum()
@@ -132,20 +135,21 @@ class Transformer(nn.Module):
         return out
 
     def _forward_mtp(self, out: ModelOutput, input_ids, labels, freqs_cis, mask, balance_alpha, balance,
-                     return_logits: bool) -> None:
+                     return_logits: bool, token_mask: torch.Tensor | None = None) -> None:
         h = out.hidden_states
         for k, module in enumerate(self.mtp, start=1):
             # Emb(t_{i+k}) at position i; the last k positions have no such token (filled with id 0, never scored,
             # and causal attention keeps them from influencing earlier positions).
             next_ids = F.pad(input_ids[:, k:], (0, k), value=0)
-            h, stats = module(h, self.embed_tokens(next_ids), freqs_cis, mask, balance_alpha)
+            h, stats = module(h, self.embed_tokens(next_ids), freqs_cis, mask, balance_alpha, token_mask)
             if stats is not None and stats.balance_loss is not None:
                 balance.append(stats.balance_loss)
             logits = self.lm_head(module.norm(h))
             if return_logits:
                 out.mtp_logits.append(logits)
             if labels is not None:
-                out.mtp_losses.append(self.cross_entropy(logits, labels, shift=k + 1))
+                out.mtp_losses.append(self.cross_entropy(logits, ignore_padded_sources(labels, token_mask, k + 1),
+                                                         shift=k + 1))
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
@@ -153,6 +157,15 @@ def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shift: int
     logits = logits[:, : logits.shape[1] - shift]
     targets = labels[:, shift:]
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def ignore_padded_sources(labels: torch.Tensor, token_mask: torch.Tensor | None, shift: int) -> torch.Tensor:
+    """labels with -100 wherever the position that predicts them (shift places earlier) is padding: a pad token
+    sees only itself, so what it predicts (e.g. a left-padded row's first real token) is never scored."""
+    if token_mask is None:
+        return labels
+    pad_source = F.pad(~token_mask[:, : labels.shape[1] - shift], (shift, 0), value=False)
+    return labels.masked_fill(pad_source, -100)
 
 
 def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:

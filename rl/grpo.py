@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.balance import update_expert_bias
-from model.generate import GenerationOutput, generate
+from model.generate import GenerationOutput, check_sampling, generate
 from model.parallel import clip_grad_norm_, comm_stats, sync_gradients
 from train.checkpoint import (CheckpointCorrupt, CheckpointMismatch, export_final, resolve_resume, restore_checkpoint,
                               save_checkpoint)
@@ -136,6 +136,13 @@ class GRPOConfig:
         for key in ("steps", "prompts_per_step", "max_completion_length", "num_iterations", "micro_batch"):
             if getattr(g, key) < 1:
                 raise JobConfigError(f"`grpo.{key}` must be >= 1")
+        if g.temperature <= 0:
+            raise JobConfigError(f"`grpo.temperature` must be > 0 (GRPO samples, and its log-probs divide by it), "
+                                 f"got {g.temperature}")
+        try:
+            check_sampling(g.temperature, g.top_k, g.top_p)
+        except ValueError as e:
+            raise JobConfigError(f"`grpo.*` sampling: {str(e).removeprefix('generate: ')}") from None
         validate_parallelism(self.parallelism)
 
     def validate_layout(self, dist: DistInfo) -> None:

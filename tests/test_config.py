@@ -60,8 +60,9 @@ def test_transformers_v5_config_with_rope_parameters_round_trips():
     assert (cfg.hidden_size, cfg.n_routed_experts, cfg.n_group, cfg.topk_group) == (64, 8, 4, 2)
     assert cfg.qk_head_dim == 24
     assert cfg.yarn_factor == 40.0
-    # Keys that seekstack does not model survive as extras (e.g. rope_interleave) and are written back.
-    assert cfg.extra["rope_interleave"] is True
+    assert cfg.rope_interleave is True  # transformers' default: interleaved pairs, as DeepSeek's checkpoints
+    # Keys that seekstack does not model survive as extras and are written back.
+    assert cfg.extra["pretraining_tp"] == 1
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
     assert again.rope_scaling == cfg.rope_scaling and again.q_lora_rank is None
@@ -155,10 +156,15 @@ def test_validation_messages_are_specific():
         preset("huge")
 
 
-def test_greedy_ignores_group_constraints():
-    # greedy routing has no group limit, so group settings that would be invalid for noaux_tc are accepted.
-    cfg = preset("tiny", topk_method="greedy", scoring_func="softmax", n_group=3, topk_group=5)
+def test_greedy_ignores_the_group_limit_but_not_inconsistent_groups():
+    # greedy routing has no group limit: a top-k larger than topk_group groups hold is fine there ...
+    cfg = preset("tiny", topk_method="greedy", scoring_func="softmax", n_group=4, topk_group=1, num_experts_per_tok=4)
     assert cfg.topk_method == "greedy"
+    # ... but group settings that contradict each other are still a config error, whatever the method
+    for bad, key in ((dict(n_group=3, topk_group=1), "n_group"), (dict(n_group=2, topk_group=3), "topk_group"),
+                     (dict(n_group=0), "n_group"), (dict(topk_group=-1), "topk_group")):
+        with pytest.raises(ConfigError, match=key):
+            preset("tiny", topk_method="greedy", scoring_func="softmax", **bad)
 
 
 def test_from_json_missing_file_names_path(tmp_path):

@@ -4,6 +4,7 @@ stop, returned log-probs, seeded sampling reproducibility, top-k / top-p.
 Run: python -m pytest -q tests/test_generate.py
 """
 
+import pytest
 import torch
 
 from model import Transformer, preset
@@ -151,3 +152,13 @@ def test_repeated_prompts_are_prefilled_once():
         alone = generate(model, [p], 6, greedy=True, eos_token_id=[])
         assert out.completions()[i] == alone.completions()[0]
         torch.testing.assert_close(out.logprobs[i], alone.logprobs[0], rtol=0, atol=1e-5)
+
+
+def test_top_p_zero_keeps_the_most_likely_token_and_bad_settings_are_refused():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", initializer_range=0.2)).eval()
+    greedy = generate(model, [[5, 6, 7]], 8, greedy=True, eos_token_id=[]).completions()
+    assert generate(model, [[5, 6, 7]], 8, top_p=0.0, seed=0, eos_token_id=[]).completions() == greedy
+    for kw, word in ((dict(top_k=-1), "top_k"), (dict(temperature=-0.5), "temperature"), (dict(top_p=1.5), "top_p")):
+        with pytest.raises(ValueError, match=word):
+            generate(model, [[5, 6, 7]], 2, eos_token_id=[], **kw)

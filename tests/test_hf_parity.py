@@ -17,6 +17,8 @@ CASES = {
                                first_k_dense_replace=0),
     "one-group-of-two": dict(n_group=2, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=1.0,
                              n_shared_experts=2),
+    # weights in the half-split rotary layout (transformers' rotate_half), not DeepSeek's interleaved pairs
+    "rope-not-interleaved": dict(rope_interleave=False, rope_parameters=YARN),
 }
 
 
@@ -88,5 +90,16 @@ def test_deepseek_v2_logits_match(case, tmp_path):
     ours = load_hf_dir(str(tmp_path))
     assert ours.config.scoring_func == "softmax" and not ours.config.norm_topk_prob
     ids = torch.randint(0, hc.vocab_size, (2, 70))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_tied_embeddings_load_strictly_and_match(tmp_path):
+    """tie_word_embeddings: the converted state dict holds the one tensor under both names, so a strict load works."""
+    hf = make_hf_model(seed=7, tie_word_embeddings=True)
+    hf.save_pretrained(str(tmp_path))
+    ours = load_hf_dir(str(tmp_path))
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(ids).logits - hf(ids).logits).abs().max() < 1e-4

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from model.balance import update_expert_bias
 from model.moe import MoE, sequence_balance_loss
 from model.router import Router
+from model.config import preset
 from model.transformer import Transformer
 
 
@@ -261,3 +262,26 @@ def test_bias_update_balances_a_skewed_router(tiny_config, init_params, gamma):
     else:
         assert late_ratio == pytest.approx(4.0)  # no update, no change
         torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([0.5, 0.5, 0, 0, 0, 0, 0, 0]))
+
+
+def test_left_padding_is_never_scored_nor_counted():
+    """With an attention_mask, what pad positions hold changes no loss term and no expert load."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", aux_loss_alpha=0.01, num_nextn_predict_layers=1)
+    model = Transformer(cfg)
+    ids = torch.randint(3, cfg.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    other = ids.clone()
+    other[0, :5] = torch.randint(3, cfg.vocab_size, (5,))
+    a = model(ids, attention_mask=mask, labels=labels)
+    b = model(other, attention_mask=mask, labels=labels)
+    assert torch.equal(a.ce_loss, b.ce_loss) and torch.equal(a.balance_loss, b.balance_loss)
+    assert torch.equal(a.mtp_losses[0], b.mtp_losses[0])
+    # only real tokens are routed into the loads: 19 tokens x top-k per MoE layer
+    assert torch.equal(a.expert_load.sum(dim=1), torch.full((a.expert_load.shape[0],), 19.0 * cfg.num_experts_per_tok))
+    # the unpadded row alone gives the same per-sequence balance loss as inside the padded batch (alpha * mean)
+    alone = model(ids[1:], labels=labels[1:])
+    trimmed = model(ids[:1, 5:], labels=labels[:1, 5:])
+    assert torch.allclose(a.balance_loss, (alone.balance_loss + trimmed.balance_loss) / 2, atol=1e-6)

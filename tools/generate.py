@@ -16,7 +16,7 @@ import sys
 import torch
 
 from model import CheckpointError, ConfigError, load_model
-from model.generate import generate
+from model.generate import check_sampling, generate
 
 
 def parse_ids(text: str) -> list[int]:
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: token ids {bad[:5]} are outside the vocabulary [0, {model.config.vocab_size})",
               file=sys.stderr)
+        return 2
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     out = generate(model, [ids], args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
