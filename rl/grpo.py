@@ -50,11 +50,11 @@ from train.config import CheckpointConfig, JobConfigError, MetricsConfig, Optimi
 from train.distributed import DistInfo, dp_max, dp_sum, world_gather, world_sum
 from train.optim import build_optimizer, lr_at, set_lr
 from train.pretrain import load_for_layout, validate_parallelism
-from train.trainer import comm_metrics
+from train.trainer import comm_metrics, truncate_jsonl
 
 from .logprobs import completion_logprobs
 from .loss import LOSS_TYPES, SCALE_REWARDS, LossStats, group_advantages, grpo_loss, loss_normalizer
-from .rewards import RewardRunner
+from .rewards import RewardResult, RewardRunner, SoftOverlongPenalty
 from .sources import build_source
 
 
@@ -68,10 +68,14 @@ class GRPOModel:
 class GRPOTask:
     name: str = "addition"  # addition | arithmetic | countdown | PATH.jsonl
     template: str = ""  # prompt template with {question}; "" = the task's default
-    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])  # names or module:function
+    # built-in names (accuracy, format, tag_count, language_consistency, countdown, soft_overlong) or module:function
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.1])
-    reward_workers: int = 0  # processes evaluating rewards; 0 = in this process (thread time limit)
+    # worker processes evaluating rewards (a reward that raises, hangs or crashes scores 0 and is counted); 0 = in
+    # this process with a thread time limit (faster, but a crash takes the run down and a hung call keeps its thread)
+    reward_workers: int = 2
     reward_timeout_s: float = 5.0
+    overlong_cache_length: int = 0  # soft_overlong (DAPO): the penalty ramps over the last L_cache tokens; 0 = max/4
 
 
 @dataclass
@@ -90,7 +94,7 @@ class GRPOHyper:
     epsilon_high: float = 0.0  # 0 = same as epsilon; DAPO clip-higher uses 0.28
     beta: float = 0.0  # KL coefficient (R1: 0.001); 0 skips the reference model
     loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    scale_rewards: str | bool = "group"  # group | batch | none (Dr. GRPO); TRL's true / false = group / none
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False  # DAPO: drop zero-spread groups and refill
     max_refills: int = 3
@@ -126,6 +130,10 @@ class GRPOConfig:
             raise JobConfigError("`grpo.num_generations` must be >= 2 (advantages compare completions of a prompt)")
         if g.loss_type not in LOSS_TYPES:
             raise JobConfigError(f"`grpo.loss_type` is {g.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+        if isinstance(g.scale_rewards, bool) or g.scale_rewards in ("true", "false"):  # TRL's boolean form
+            g.scale_rewards = "group" if g.scale_rewards in (True, "true") else "none"
+        if g.beta < 0:
+            raise JobConfigError(f"`grpo.beta` (KL coefficient) must be >= 0, got {g.beta}")
         if g.scale_rewards not in SCALE_REWARDS:
             raise JobConfigError(f"`grpo.scale_rewards` is {g.scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
         if g.prompts_per_step % g.steps_per_generation:
@@ -197,7 +205,7 @@ class GRPOTrainer:
                 p.requires_grad_(False)
         self.optimizer = build_optimizer(self.policy, cfg.optimizer)
         self.source = build_source(cfg.task.name, cfg.seed, cfg.task.template)
-        self.rewards = RewardRunner(cfg.task.rewards, cfg.task.reward_weights, cfg.task.reward_workers,
+        self.rewards = RewardRunner(build_rewards(cfg), cfg.task.reward_weights, cfg.task.reward_workers,
                                     cfg.task.reward_timeout_s)
         self.step = 0
         self.state = {"reference": os.path.abspath(cfg.model.init_from), "samples_seen": 0}
@@ -234,6 +242,9 @@ class GRPOTrainer:
             raise JobConfigError(f"cannot resume: {e}") from None
         self.step = state.pop("step")
         self.state.update(state)
+        if self.dist.is_main:  # the steps after the checkpoint are run again: their old log rows go
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_jsonl(os.path.join(self.cfg.run_dir, name), self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------- rollout
@@ -253,7 +264,7 @@ class GRPOTrainer:
         texts = [self.codec.decode(ids) for ids in out.completions()]
         prompt_texts = [r.prompt for r in rows for _ in range(G)]
         fields = {k: [r.fields[k] for r in rows for _ in range(G)] for k in rows[0].fields}
-        result = self.rewards(prompt_texts, texts, **fields)
+        result = self.rewards(prompt_texts, texts, completion_ids=out.completions(), **fields)
         return {"out": out, "texts": texts, "prompts": prompt_texts, "rewards": result,
                 "answers": fields.get("answer"), "seconds": seconds, "rows": rows}
 
@@ -314,7 +325,7 @@ class GRPOTrainer:
         order = torch.arange(n_local)
         slices = order.view(g.steps_per_generation, -1) if g.steps_per_generation > 1 else order[None]
         self.policy.train()
-        lr = 0.0
+        lr, stepped = 0.0, 0
         for it in range(g.num_iterations):
             for sl in slices:
                 lr = lr_at(self.state.get("optimizer_steps", 0), self.total_steps, cfg.optimizer)
@@ -329,8 +340,9 @@ class GRPOTrainer:
                                                         g.temperature, g.share_prompts)
                     m = completion_mask[mb]
                     if it == 0:
-                        diff = (logp.detach() - old_logp[mb]).abs()[out.completion_mask[mb]]
-                        logp_diff = max(logp_diff, float(diff.max()) if diff.numel() else 0.0)
+                        if stepped == 0:  # later slices see a policy already moved by this step's updates
+                            diff = (logp.detach() - old_logp[mb]).abs()[out.completion_mask[mb]]
+                            logp_diff = max(logp_diff, float(diff.max()) if diff.numel() else 0.0)
                         entropy_sum += float(entropy.detach()[m].sum())
                     res = grpo_loss(logp, old_logp[mb], None if ref_logp is None else ref_logp[mb], advantages[mb],
                                     m, loss_type=g.loss_type, epsilon=g.epsilon,
@@ -346,6 +358,7 @@ class GRPOTrainer:
                 if loads is not None:
                     loads_steps.append(loads)
                 self.state["optimizer_steps"] = self.state.get("optimizer_steps", 0) + 1
+                stepped += 1
         train_seconds = time.perf_counter() - t_train
         comm = comm_stats.snapshot()
         metrics = self._metrics(roll, out, rewards, adv_all, stats, completion_mask, truncated, zero_std, logp_diff,
@@ -360,8 +373,9 @@ class GRPOTrainer:
         g = self.cfg.grpo
         n_seq, n_tok = int(counts[0]), int(counts[1])
         lengths = [n_tok] + [0] * (n_seq - 1)  # only the totals matter to the normaliser
-        return loss_normalizer(torch.tensor(lengths), g.loss_type, g.max_completion_length, self.dist.dp) \
-            if n_tok > 0 or g.loss_type != "dapo" else 1.0
+        if n_tok == 0:  # every completion masked (e.g. all truncated): the loss is 0 whatever divides it
+            return 1.0
+        return loss_normalizer(torch.tensor(lengths), g.loss_type, g.max_completion_length, self.dist.dp)
 
     def _dynamic_sampling(self, roll, all_rewards):
         """DAPO: replace groups whose rewards have zero spread with fresh prompts, up to max_refills rounds.
@@ -393,7 +407,8 @@ class GRPOTrainer:
         lengths = out.completion_mask.sum(1).float()
         rr = roll["rewards"]
         names = list(rr.per_function)
-        per_function = [sum(rr.per_function[k][in_group]) for k in names]  # this replica's share of the rollout
+        per_function = [v for k in names for v in (sum(rr.per_function[k][in_group]),  # this replica's share
+                                                   sum(x * x for x in rr.per_function[k][in_group]))]
         local = torch.tensor([float(rewards.sum()), float((rewards ** 2).sum()), float(rewards.numel()),
                               float(lengths.sum()), float(truncated.float().sum()), stats.num_tokens,
                               stats.clip_low, stats.clip_high, stats.outside, stats.kl_sum, stats.ratio_sum,
@@ -421,7 +436,9 @@ class GRPOTrainer:
             "refilled_groups": refills, "advantage_abs_mean": float(adv_all.abs().mean()),
         }
         for i, name in enumerate(names):
-            metrics[f"rewards/{name}/mean"] = float(tot[13 + i]) / max(float(n), 1.0)
+            f_mean = float(tot[13 + 2 * i]) / max(float(n), 1.0)
+            metrics[f"rewards/{name}/mean"] = f_mean
+            metrics[f"rewards/{name}/std"] = max(float(tot[14 + 2 * i]) / max(float(n), 1.0) - f_mean ** 2, 0.0) ** 0.5
             metrics[f"rewards/{name}/errors"] = int(round(float(failures[2 * i])))
             metrics[f"rewards/{name}/timeouts"] = int(round(float(failures[2 * i + 1])))
         for name in ("accuracy", "accuracy_reward"):
@@ -451,6 +468,12 @@ class GRPOTrainer:
 
         m, g = self.cfg.metrics, self.cfg.grpo
         rows = self.source.heldout_rows(m.eval_problems)
+        if not rows:  # e.g. a small JSONL whose held-out split is empty: report nothing rather than NaN
+            if not getattr(self, "_warned_no_heldout", False):
+                self.log(f"warning: task {self.cfg.task.name!r} has no held-out rows (or metrics.eval_problems = 0); "
+                         f"held-out accuracy is not measured")
+                self._warned_no_heldout = True
+            return {}
         share = len(rows) // self.dist.mp_groups
         r = self.dist.mp_index
         rows = rows[r * share:(r + 1) * share] or rows
@@ -493,8 +516,10 @@ class GRPOTrainer:
                 last = self.train_step()
                 self.step += 1
                 if self.step == cfg.grpo.steps or (cfg.metrics.eval_every and self.step % cfg.metrics.eval_every == 0):
-                    last.update(self.evaluate())
-                    self.log(f"step {self.step}: held-out accuracy {last['accuracy']:.3f}")
+                    held_out = self.evaluate()
+                    last.update(held_out)
+                    if held_out:
+                        self.log(f"step {self.step}: held-out accuracy {held_out['accuracy']:.3f}")
                 if metrics_f:
                     metrics_f.write(json.dumps(last) + "\n")
                     metrics_f.flush()
@@ -525,6 +550,14 @@ class GRPOTrainer:
             f.write(json.dumps({"step": self.step, "prompt": roll["prompts"][i], "completion": roll["texts"][i],
                                 "reward": roll["rewards"].total[i]}) + "\n")
         f.flush()
+
+
+def build_rewards(cfg: GRPOConfig) -> list:
+    """The reward specs of `task.rewards`, with `soft_overlong` bound to this run's lengths (DAPO eq. 13)."""
+    g, t = cfg.grpo, cfg.task
+    cache = t.overlong_cache_length or max(1, g.max_completion_length // 4)
+    return [SoftOverlongPenalty(g.max_completion_length, min(cache, g.max_completion_length))
+            if spec == "soft_overlong" else spec for spec in t.rewards]
 
 
 def _rows_of(out: GenerationOutput, rows: slice) -> GenerationOutput:
@@ -562,12 +595,19 @@ def _replace_groups(roll, fresh, dead: list[int], G: int) -> dict:
     texts, prompts = list(roll["texts"]), list(roll["prompts"])
     for src, dst in zip(rows_a, rows_dead):
         texts[dst], prompts[dst] = fresh["texts"][src], fresh["prompts"][src]
-    total = list(roll["rewards"].total)
+    old_r, new_r = roll["rewards"], fresh["rewards"]
+    total = list(old_r.total)
+    per_function = {name: list(scores) for name, scores in old_r.per_function.items()}
     for src, dst in zip(rows_a, rows_dead):
-        total[dst] = fresh["rewards"].total[src]
-    roll = dict(roll, out=out, texts=texts, prompts=prompts)
-    roll["rewards"].total = total
-    return roll
+        total[dst] = new_r.total[src]
+        for name in per_function:
+            per_function[name][dst] = new_r.per_function[name][src]
+    # errors / timeouts count every reward call the step made, the dropped groups' included
+    rewards = RewardResult(per_function=per_function, total=total,
+                           errors={k: v + new_r.errors[k] for k, v in old_r.errors.items()},
+                           timeouts={k: v + new_r.timeouts[k] for k, v in old_r.timeouts.items()},
+                           messages={**new_r.messages, **old_r.messages}, seconds=old_r.seconds + new_r.seconds)
+    return dict(roll, out=out, texts=texts, prompts=prompts, rewards=rewards)
 
 
 def run(cfg: GRPOConfig, dist) -> int:

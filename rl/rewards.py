@@ -18,7 +18,7 @@ default in rl/tasks.py). The model then never writes that tag, so `full_response
 before the format / tag-count / language rewards look at the text: the same completion scores the same whether the
 tag was prefilled or generated.
 
-`RewardRunner` calls each function once per sample, in worker processes (forkserver context) with a time limit per
+`RewardRunner` calls each function once per sample, in worker processes (spawn context) with a time limit per
 call: a call that raises, returns garbage, dies, or runs past the limit scores 0 and is counted; a hung worker is
 killed and replaced. Workers are started once and reused across calls.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import math
 import multiprocessing
+import numbers
 import pickle
 import queue
 import re
@@ -164,8 +165,17 @@ def _math_verify_equal(mv, predicted: str, gold: str) -> bool | None:
     return bool(mv.verify(gold_parsed, mv.parse(wrap(predicted), parsing_timeout=limit), timeout_seconds=limit))
 
 
-def accuracy_reward(prompts: Sequence[str], completions: Sequence[str], answer: Sequence, **_) -> list[float]:
-    """1.0 when the completion's last <answer>…</answer> equals the row's `answer` (see `answers_match`), else 0.0."""
+def accuracy_reward(prompts: Sequence[str], completions: Sequence[str], answer: Sequence, numbers=None, target=None,
+                    **_) -> list[float]:
+    """1.0 when the completion's last <answer>…</answer> equals the row's `answer` (see `answers_match`), else 0.0.
+
+    Countdown rows (fields `numbers` and `target`) are checked by the Countdown verifier instead: the answer must be
+    an expression over the given numbers, each used at most once, that reaches the target; the bare target, or a
+    sum of other numbers, is not an answer."""
+    if numbers is not None and target is not None:
+        from .tasks import countdown_reward
+
+        return countdown_reward(prompts, completions, numbers, target)
     if answer is None:
         raise ValueError("accuracy_reward needs the dataset column `answer`")
     scores = []
@@ -301,13 +311,23 @@ class RewardResult:
     seconds: float = 0.0
 
     def as_metrics(self) -> dict[str, float]:
-        """rewards/{name}/mean, rewards/{name}/errors, rewards/{name}/timeouts, reward (mean total)."""
-        out = {"reward": sum(self.total) / max(len(self.total), 1)}
+        """rewards/{name}/mean|std|errors|timeouts, reward (mean total) and reward_std (population std)."""
+        out = {"reward": _mean(self.total), "reward_std": _std(self.total)}
         for name, scores in self.per_function.items():
-            out[f"rewards/{name}/mean"] = sum(scores) / max(len(scores), 1)
+            out[f"rewards/{name}/mean"] = _mean(scores)
+            out[f"rewards/{name}/std"] = _std(scores)
             out[f"rewards/{name}/errors"] = self.errors[name]
             out[f"rewards/{name}/timeouts"] = self.timeouts[name]
         return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
+
+
+def _std(xs: Sequence[float]) -> float:
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs), 1))
 
 
 class RewardRunner:
@@ -320,14 +340,14 @@ class RewardRunner:
         num_workers: 0 evaluates in this process. There the time limit runs each call in a daemon thread and
             abandons it when late: the call is scored 0 and counted, but Python cannot kill a thread, so a hung
             call keeps its thread (and a busy loop its CPU) until the process exits. Use workers for untrusted
-            rewards. num_workers ≥ 1 starts that many processes ('forkserver' context, 'spawn' where forkserver is
-            unavailable); a worker past the limit is killed (SIGKILL) and replaced.
+            rewards. num_workers ≥ 1 starts that many processes ('spawn' context unless mp_context names another);
+            a worker past the limit is killed (SIGKILL) and replaced.
         timeout_s: limit per (function, sample) call in seconds; None means no limit.
         start_timeout_s: how long a new worker may take to start (imports) before the runner gives up.
 
     Use as a context manager, or call close(); workers are reused across calls until then. As with any
-    forkserver/spawn multiprocessing, the main script must guard its entry point with `if __name__ == "__main__":`.
-    Forkserver workers never inherit CUDA state, so the runner is safe to create after the model is on the GPU.
+    spawn multiprocessing, the main script must guard its entry point with `if __name__ == "__main__":`.
+    Spawned workers never inherit CUDA state, so the runner is safe to create after the model is on the GPU.
     """
 
     def __init__(self, funcs: Sequence[RewardFn | str], weights: Sequence[float] | None = None,
@@ -555,12 +575,16 @@ def _call_one(fn, prompt, completion, fields) -> tuple[str, object]:
     """Call a reward on one sample; ("ok", float) or ("error", message)."""
     try:
         out = fn([prompt], [completion], **fields)
+        if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):  # numpy array / torch tensor
+            out = out.tolist()
         if not isinstance(out, (list, tuple)) or len(out) != 1:
             return "error", f"returned {type(out).__name__} of length {_len(out)}, expected a list of 1 float"
         value = out[0]
-        if not isinstance(value, (int, float)) or not math.isfinite(value):  # bool is an int: True -> 1.0
+        if isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
+            value = float(value)  # int, bool, numpy / torch scalars
+        if not isinstance(value, float) or not math.isfinite(value):
             return "error", f"returned {value!r}, expected a finite number"
-        return "ok", float(value)
+        return "ok", value
     except Exception as e:  # noqa: BLE001  (a reward's bug must never stop training: it is counted and reported)
         return "error", f"{type(e).__name__}: {e}"
 
@@ -582,9 +606,9 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def _mp_context(name: str | None):
-    if name is None:
-        name = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(name)
+    # spawn by default: fresh interpreters are cheap here (this module imports no torch), safe after CUDA init, and,
+    # unlike a fork server, never left stale in a process that was itself forked (e.g. a forked torchrun-style rank)
+    ctx = multiprocessing.get_context(name or "spawn")
     if name == "forkserver":
         # Imported once in the fork server, so every (re)started worker gets them for free. Only takes effect
         # if the fork server is not running yet; missing modules are skipped.

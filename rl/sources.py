@@ -82,9 +82,12 @@ class JsonlSource:
 
 
 def build_source(task: str, seed: int, template: str = "") -> AdditionSource | TaskSource | JsonlSource:
-    template = template or R1_ZERO_TEMPLATE
     if task == "addition":
+        if template:
+            raise ValueError("task 'addition' keeps the pretraining corpus's own prompts ('What is a + b?\\n<think>'); "
+                             "task.template applies to arithmetic, countdown and JSONL tasks")
         return AdditionSource(seed)
+    template = template or R1_ZERO_TEMPLATE
     if task == "arithmetic":
         return TaskSource(ArithmeticTask(), seed, template)
     if task == "countdown":

@@ -58,6 +58,10 @@ def test_resume_continues_bit_for_bit(base, tmp_path):
     a = load_file(os.path.join(full, "final", "model.safetensors"))
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the rerun steps replace their old log rows instead of repeating them
+    assert [r["step"] for r in _rows(cut)] == [r["step"] for r in _rows(full)] == [0, 1, 2, 3, 4]
+    samples = lambda run: [json.loads(line)["step"] for line in open(os.path.join(run, "samples.jsonl"))]  # noqa: E731
+    assert samples(cut) == samples(full)
     assert any(not torch.equal(a[k], load_file(os.path.join(base, "model.safetensors"))[k]) for k in a)
 
 
@@ -71,10 +75,32 @@ def test_reference_kl_and_dynamic_sampling(base, tmp_path):
     assert "refilled_groups" in rows[-1]
 
 
+def test_overlong_shaping_all_truncated_bnpo_and_no_heldout_rows(base, tmp_path):
+    """soft_overlong sees the completion lengths; bnpo with every completion masked is a zero-gradient step; a
+    JSONL too small for a held-out split logs no accuracy instead of NaN; per-function std is logged."""
+    data = tmp_path / "six.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} plus {i}?", "answer": str(2 * i)}) + "\n" for i in range(6)))
+    run = str(tmp_path / "edge")
+    assert main(COMMON + ["--model.init_from", base, "--run-dir", run, "--grpo.steps", "1",
+                          "--task.name", str(data), "--task.rewards", "tests.rl_test_rewards:digit_share,soft_overlong",
+                          "--task.reward_weights", "1,1", "--grpo.max_completion_length", "3",
+                          "--grpo.loss_type", "bnpo", "--grpo.mask_truncated_completions", "true"]) == 0
+    text = open(os.path.join(run, "metrics.jsonl")).read()
+    assert "NaN" not in text
+    rows = _rows(run)
+    assert "accuracy" not in rows[-1]
+    last = rows[-1]
+    assert last["rewards/soft_overlong_penalty/errors"] == 0 and last["rewards/soft_overlong_penalty/mean"] < 0
+    assert "rewards/digit_share/std" in last and last["truncation_rate"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--grpo.num_generations", "1"], "num_generations"),
     (["--grpo.loss_type", "ppo"], "loss_type"),
     (["--task.reward_weights", "1,2,3"], "reward_weights"),
+    (["--grpo.beta", "-0.1"], "beta"),
+    (["--grpo.temperature", "0"], "temperature"),
+    (["--grpo.top_p", "1.5"], "top_p"),
 ])
 def test_config_refusals(base, argv, message, capsys):
     assert main(["--model.init_from", base] + argv) == 2
@@ -130,3 +156,41 @@ def test_shared_prompt_forward_equals_whole_rows(q_lora):
     assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trl_boolean_scale_rewards_is_accepted(tmp_path):
+    from rl.grpo import GRPOConfig
+    from train.config import load_job_config
+
+    job = tmp_path / "job.toml"
+    job.write_text("[grpo]\nscale_rewards = false\n")
+    assert load_job_config(GRPOConfig, ["--config", str(job)]).grpo.scale_rewards == "none"
+    assert load_job_config(GRPOConfig, ["--grpo.scale_rewards", "true"]).grpo.scale_rewards == "group"
+    assert load_job_config(GRPOConfig, ["--grpo.scale_rewards", "batch"]).grpo.scale_rewards == "batch"
+
+
+def test_addition_refuses_a_template():
+    from rl.sources import build_source
+
+    with pytest.raises(ValueError, match="template"):
+        build_source("addition", 0, "Q: {question} A:")
+
+
+def test_replaced_groups_carry_their_own_per_function_scores():
+    from model.generate import GenerationOutput
+    from rl.grpo import _replace_groups
+    from rl.rewards import RewardResult
+
+    def roll(n, width, value):
+        out = GenerationOutput(torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.bool),
+                               torch.full((n, width), value), torch.ones(n, width, dtype=torch.bool),
+                               torch.zeros(n, width), torch.ones(n, dtype=torch.bool))
+        rewards = RewardResult(per_function={"acc": [float(value)] * n, "fmt": [0.5] * n}, total=[value + 0.5] * n,
+                               errors={"acc": 1, "fmt": 0}, timeouts={"acc": 0, "fmt": 2})
+        return {"out": out, "texts": [str(value)] * n, "prompts": ["p"] * n, "rewards": rewards}
+
+    merged = _replace_groups(roll(4, 3, 0), roll(2, 5, 1), dead=[1], G=2)
+    assert merged["rewards"].per_function["acc"] == [0.0, 0.0, 1.0, 1.0]
+    assert merged["rewards"].total == [0.5, 0.5, 1.5, 1.5] and merged["texts"] == ["0", "0", "1", "1"]
+    assert merged["rewards"].errors == {"acc": 2, "fmt": 0} and merged["rewards"].timeouts == {"acc": 0, "fmt": 4}
+    assert merged["out"].completion_ids.shape == (4, 5) and merged["out"].completion_ids[2, :5].tolist() == [1] * 5

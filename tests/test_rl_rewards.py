@@ -228,3 +228,36 @@ def test_runner_refuses_unpicklable_functions_and_bad_inputs():
         runner(["p", "p"], ["a", "b"], answer=["1"])
     with pytest.raises(ValueError, match="weights"):
         RewardRunner(["format"], weights=[1.0, 2.0])
+
+
+def test_accuracy_on_countdown_rows_uses_the_countdown_verifier():
+    completions = ["<answer>17</answer>", "<answer>10+7</answer>", "<answer>15+2</answer>",
+                   "<answer>(12-2)+15-8</answer>"]
+    # the bare target, or numbers the row does not give, are not answers; 15 + 2 over [12, 2, 15] is
+    assert accuracy_reward(["q"] * 4, completions, answer=["17"] * 4, numbers=[[12, 2, 15]] * 4,
+                           target=[17] * 4) == [0.0, 0.0, 1.0, 0.0]
+
+
+def np_scalar_reward(prompts, completions, **_):
+    import numpy as np
+
+    return [np.float32(0.25) for _ in completions]
+
+
+def np_array_reward(prompts, completions, **_):
+    import numpy as np
+
+    return np.ones(len(completions), dtype=np.int64)
+
+
+def test_numpy_scores_are_accepted_and_std_is_reported():
+    result = RewardRunner([np_scalar_reward, np_array_reward], timeout_s=None)(["p", "q"], ["a", "bb"])
+    assert result.per_function == {"np_scalar_reward": [0.25, 0.25], "np_array_reward": [1.0, 1.0]}
+    assert sum(result.errors.values()) == 0
+    metrics = RewardRunner([length_reward], timeout_s=None)(["p", "q"], ["a", "bbb"]).as_metrics()
+    assert metrics["rewards/length_reward/mean"] == 2.0 and metrics["rewards/length_reward/std"] == 1.0
+    assert metrics["reward_std"] == 1.0
+
+
+def length_reward(prompts, completions, **_):
+    return [float(len(c)) for c in completions]

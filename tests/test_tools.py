@@ -91,3 +91,16 @@ def test_model_math_never_imports_torch_distributed():
                      r"from torch\.distributed)", path.read_text(), re.M):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_plot_draws_sampled_heldout_accuracy(tmp_path):
+    import json
+
+    from tools.plot import _expand, plot_run
+
+    rows = [{"step": 0, "accuracy": 0.2, "accuracy_mean@8": 0.1}, {"step": 5, "accuracy": 0.6, "accuracy_mean@8": 0.5,
+                                                                  "reward_mean": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _expand(["accuracy", "accuracy_mean@*"], rows) == ["accuracy", "accuracy_mean@8"]
+    written = {p.rsplit("/", 1)[-1] for p in plot_run(str(tmp_path))}
+    assert {"accuracy.png", "reward.png"} <= written

@@ -18,7 +18,7 @@ CURVES = {
     "loss": ["loss", "ce_loss", "val_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "kd_loss", "val_kd"],
     "agreement": ["top1_agreement", "val_top1_agreement"],  # distillation: student argmax == teacher top-1
     "lr": ["lr"],
-    "accuracy": ["accuracy", "accuracy_sampled", "val_accuracy"],
+    "accuracy": ["accuracy", "accuracy_mean@*", "accuracy_train_sampled", "accuracy_sampled", "val_accuracy"],
     "grad_norm": ["grad_norm"],
     "throughput": ["tokens_per_s", "rollout_tokens_per_s", "train_tokens_per_s"],
     "reward": ["reward_mean", "reward_std"],
@@ -42,6 +42,15 @@ def read_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
+def _expand(keys: list[str], rows: list[dict]) -> list[str]:
+    """Curve keys with "prefix*" patterns replaced by the logged keys that start with the prefix (e.g. mean@8)."""
+    logged = sorted({k for r in rows for k in r})
+    out = []
+    for key in keys:
+        out += [k for k in logged if k.startswith(key[:-1])] if key.endswith("*") else [key]
+    return out
+
+
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     import matplotlib
 
@@ -54,7 +63,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for name, keys in CURVES.items():
-        present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+        present = [k for k in _expand(keys, rows) if any(isinstance(r.get(k), (int, float)) for r in rows)]
         if not present:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))

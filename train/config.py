@@ -71,12 +71,19 @@ def _field_type(cls, f: dataclasses.Field):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0]
+        tp = args[0] if len(args) == 1 else tuple(args)  # `str | bool`: each type tried in order
     return tp
 
 
 def _convert(value: Any, tp, where: str) -> Any:
     """Coerce a TOML or command-line value to the field's type, or explain what is wrong."""
+    if isinstance(tp, tuple):
+        for option in tp:
+            try:
+                return _convert(value, option, where)
+            except JobConfigError:
+                continue
+        raise JobConfigError(f"{where}: expected {' or '.join(t.__name__ for t in tp)}, got {value!r}")
     try:
         if tp is bool:
             if isinstance(value, bool):

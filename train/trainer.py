@@ -88,13 +88,8 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step}")
 
     def _truncate_metrics(self, step: int) -> None:
-        path = os.path.join(self.run_dir, "metrics.jsonl")
-        if not self.dist.is_main or not os.path.isfile(path):
-            return
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(path, "w") as f:
-            f.writelines(lines)
+        if self.dist.is_main:
+            truncate_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), step)
 
     # --------------------------------------------------------------------------------------------- loop
     def log(self, msg: str) -> None:
@@ -269,3 +264,13 @@ def comm_metrics(snapshot: dict, dist: DistInfo) -> dict:
     t = torch.tensor([float(snapshot.get(k, {}).get("bytes", 0)) for k in kinds], dtype=torch.float64)
     world_sum(t, dist)
     return {f"comm/{k}_bytes": float(v) / dist.world for k, v in zip(kinds, t.tolist())}
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the rows of a per-step JSONL log (metrics, samples) written after `step`: a resumed run rewrites them."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
