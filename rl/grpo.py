@@ -449,6 +449,9 @@ class GRPOTrainer:
             metrics["expert_load"] = loads.tolist()
             metrics["expert_load_max_over_mean"] = [round(float(x), 4)
                                                     for x in loads.max(1).values / loads.mean(1).clamp(min=1e-9)]
+        for name, messages in rr.messages.items():  # say why a reward scored 0, not only how often
+            self.log(f"warning: step {self.step + 1}: reward {name}: {rr.errors[name]} errors, "
+                     f"{rr.timeouts[name]} timeouts; first: {messages[0]}")
         if metrics["truncation_rate"] > 0.5:
             self.log(f"warning: step {self.step + 1}: {metrics['truncation_rate']:.0%} of completions hit "
                      f"max_completion_length={self.cfg.grpo.max_completion_length} (raise it, or their rewards are "
