@@ -556,6 +556,8 @@ class _Worker:
 def _worker_main(conn, funcs) -> None:
     """Worker loop: receive (function index, prompt, completion, fields), answer ("ok", score) or ("error", msg)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    if any(fn is accuracy_reward for fn in funcs):
+        _load_math_verify()  # import sympy now (~1 s), not inside some step's first LaTeX answer
     conn.send(("ready",))
     while True:
         try:
