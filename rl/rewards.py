@@ -474,25 +474,31 @@ class RewardRunner:
         self._workers[self._workers.index(worker)] = self._start_worker()
 
     def _run_in_workers(self, tasks, record) -> None:
+        """Each worker gets up to PIPELINE calls ahead (no round trip between two samples); the time limit runs per
+        call, from the previous call's answer. A late worker is killed: its current call is a timeout, the calls
+        queued behind it go back to the pool."""
         pending = deque(tasks)
-        while pending or any(w.task for w in self._workers):
+        while pending or any(w.tasks for w in self._workers):
             for w in self._workers:
-                if w.ready and w.task is None and pending:
-                    fi, i, *payload = pending.popleft()
+                while w.ready and len(w.tasks) < PIPELINE and pending:
+                    task = pending.popleft()
                     try:
-                        w.conn.send((fi, *payload))
+                        w.conn.send((task[0], *task[2:]))
                     except OSError:
                         pass  # the worker died while idle: _poll sees the closed pipe, scores this 0 and replaces it
-                    deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-                    w.task = (fi, i, deadline)
+                    if not w.tasks:
+                        w.deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+                    w.tasks.append(task)
             wait([w.conn for w in self._workers] + [w.process.sentinel for w in self._workers],
                  timeout=self._next_wakeup())
             for w in list(self._workers):
-                self._poll(w, record)
+                self._poll(w, record, pending)
             now = time.monotonic()
             for w in list(self._workers):
-                if w.task and w.task[2] is not None and now >= w.task[2]:
-                    record(w.task[0], w.task[1], "timeout", f"no result within {self.timeout_s} s (worker killed)")
+                if w.tasks and w.deadline is not None and now >= w.deadline:
+                    head = w.tasks.popleft()
+                    record(head[0], head[1], "timeout", f"no result within {self.timeout_s} s (worker killed)")
+                    pending.extendleft(reversed(w.tasks))
                     self._replace(w)
                 elif not w.ready and now - w.started > self.start_timeout_s:
                     self.close()
@@ -500,20 +506,21 @@ class RewardRunner:
 
     def _next_wakeup(self) -> float:
         now = time.monotonic()
-        times = [w.task[2] for w in self._workers if w.task and w.task[2] is not None]
+        times = [w.deadline for w in self._workers if w.tasks and w.deadline is not None]
         times += [w.started + self.start_timeout_s for w in self._workers if not w.ready]
         return max(0.0, min(times) - now) if times else 1.0
 
-    def _poll(self, w: _Worker, record) -> None:
+    def _poll(self, w: _Worker, record, pending: deque) -> None:
         closed = False
         try:
             while w.conn.poll():
                 msg = w.conn.recv()
                 if msg[0] == "ready":
                     w.ready = True
-                elif w.task:
-                    record(w.task[0], w.task[1], msg[0], msg[1])
-                    w.task = None
+                elif w.tasks:
+                    head = w.tasks.popleft()
+                    record(head[0], head[1], msg[0], msg[1])
+                    w.deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         except (EOFError, OSError):
             closed = True  # the worker is gone (or going): its end of the pipe is closed
         if closed:
@@ -524,9 +531,15 @@ class RewardRunner:
                 self.close()
                 raise RuntimeError(f"a reward worker exited with code {code} while starting (see its traceback "
                                    f"above): reward functions must be importable in a fresh Python process")
-            if w.task:
-                record(w.task[0], w.task[1], "error", f"worker died (exit code {w.process.exitcode})")
+            if w.tasks:
+                head = w.tasks.popleft()
+                record(head[0], head[1], "error", f"worker died (exit code {w.process.exitcode})")
+                pending.extendleft(reversed(w.tasks))
             self._replace(w)
+
+
+# Calls a worker may hold at once: enough to hide the pipe round trip, few enough that a killed worker's queue is short.
+PIPELINE = 8
 
 
 @dataclass
@@ -535,7 +548,8 @@ class _Worker:
     conn: object
     started: float
     ready: bool = False
-    task: tuple | None = None  # (function index, sample index, deadline)
+    tasks: deque = field(default_factory=deque)  # calls sent and not answered yet, oldest first
+    deadline: float | None = None  # when the oldest of them is late
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -545,7 +559,7 @@ class _Worker:
 
     def stop(self) -> None:
         try:
-            if self.task is None and self.process.is_alive():
+            if not self.tasks and self.process.is_alive():
                 self.conn.send(None)
                 self.process.join(timeout=1)
         except (OSError, EOFError):

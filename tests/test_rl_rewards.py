@@ -261,3 +261,11 @@ def test_numpy_scores_are_accepted_and_std_is_reported():
 
 def length_reward(prompts, completions, **_):
     return [float(len(c)) for c in completions]
+
+
+def test_calls_queued_behind_a_hung_call_are_rescored_by_the_new_worker():
+    # one worker holds several calls at once (rl.rewards.PIPELINE); killing it for the hang must not lose the rest
+    with RewardRunner([sleepy_reward], num_workers=1, timeout_s=0.5) as runner:
+        out = runner(["p"] * 5, ["ok", "hang", "ok", "ok", "ok"])
+    assert out.per_function["sleepy_reward"] == [1.0, 0.0, 1.0, 1.0, 1.0]
+    assert out.timeouts == {"sleepy_reward": 1} and out.errors == {"sleepy_reward": 0}
