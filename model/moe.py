@@ -54,8 +54,9 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x_TD)
 
         with torch.no_grad():
-            routed = topk_ids if token_mask is None else topk_ids[token_mask.reshape(-1)]
-            load = torch.bincount(routed.flatten(), minlength=self.num_experts).float()
+            # padding weighs 0: a weighted count needs no boolean indexing (a host sync on every decode step)
+            weights = None if token_mask is None else token_mask.reshape(-1, 1).expand_as(topk_ids).flatten().float()
+            load = torch.bincount(topk_ids.flatten(), weights=weights, minlength=self.num_experts).float()
             if self.training:
                 self.gate.tokens_per_expert += load
         balance = None

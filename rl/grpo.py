@@ -208,6 +208,7 @@ class GRPOTrainer:
         self.rewards = RewardRunner(build_rewards(cfg), cfg.task.reward_weights, cfg.task.reward_workers,
                                     cfg.task.reward_timeout_s)
         self.step = 0
+        self._warned_no_heldout = False
         self.state = {"reference": os.path.abspath(cfg.model.init_from), "samples_seen": 0}
         self.total_steps = cfg.grpo.steps * cfg.grpo.num_iterations * cfg.grpo.steps_per_generation
 
@@ -472,7 +473,7 @@ class GRPOTrainer:
         m, g = self.cfg.metrics, self.cfg.grpo
         rows = self.source.heldout_rows(m.eval_problems)
         if not rows:  # e.g. a small JSONL whose held-out split is empty: report nothing rather than NaN
-            if not getattr(self, "_warned_no_heldout", False):
+            if not self._warned_no_heldout:
                 self.log(f"warning: task {self.cfg.task.name!r} has no held-out rows (or metrics.eval_problems = 0); "
                          f"held-out accuracy is not measured")
                 self._warned_no_heldout = True

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from model import CheckpointError, ConfigError, load_model
-from model.generate import check_sampling, generate
+from model.generate import generate
 
 
 def parse_ids(text: str) -> list[int]:
@@ -74,13 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: token ids {bad[:5]} are outside the vocabulary [0, {model.config.vocab_size})",
               file=sys.stderr)
         return 2
-    try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
+    try:  # generate refuses meaningless sampling settings (model.generate.check_sampling)
+        out = generate(model, [ids], args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = generate(model, [ids], args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     completion = out.completions()[0]
     text = tokenizer.decode(completion) if tokenizer is not None else None
     if args.json:
